@@ -1,0 +1,3 @@
+from comptrust.cli import main
+
+main()

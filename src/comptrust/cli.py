@@ -1,0 +1,213 @@
+"""The comptrust command line. Each command parses options, builds typed objects and calls one function.
+
+Errors: bad input -> one line "error: ..." and exit 2; runtime failures -> exit 1; Ctrl-C -> exit 130 with a
+note that finished work is saved (the store commits every chunk) and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from comptrust.errors import ComptrustError, UsageError
+
+app = typer.Typer(
+    name="comptrust",
+    help=(
+        "Does compression keep an LLM trustworthy?\n\n"
+        "Compress a model (GPTQ, AWQ, magnitude / SparseGPT / Wanda pruning), evaluate it on the eight "
+        "DecodingTrust perspectives plus MMLU, and compare it with the dense model.\n\n"
+        "Quick start (offline, built-in model and mini suites):\n\n"
+        "  comptrust evaluate --perspectives stereotype --out runs/demo\n\n"
+        "Every command has --help. Results go to the --out directory; rerunning a command reuses its cache."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+MODEL_HELP = (
+    "Model to evaluate: omit for the embedded SmolLM2-135M-Instruct (offline); a .gguf file; a local Hugging "
+    "Face model directory (e.g. the --out of `comptrust compress`); or a Hub id org/name[@revision]."
+)
+
+
+@app.command()
+def evaluate(
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory (created; reused by reruns)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    perspectives: str = typer.Option(
+        "all",
+        "--perspectives",
+        "-p",
+        help="Comma list or 'all': toxicity, stereotype, advglue, ood, adv_demo, privacy, ethics, fairness, mmlu.",
+    ),
+    suite: str = typer.Option(
+        "mini", "--suite", help="mini = built-in offline mini suites; dt = DecodingTrust data (--data-dir)."
+    ),
+    profile: Optional[str] = typer.Option(
+        None,
+        "--profile",
+        help="mini | lite (subsample per sub-scenario, n=1) | full (protocol counts, n=25 where sampled). "
+        "Default: mini for --suite mini, lite for --suite dt.",
+    ),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="DecodingTrust data folder (its data/ layout), or hf:AI-Secure/DecodingTrust."
+    ),
+    mmlu_dir: Optional[str] = typer.Option(
+        None, "--mmlu-dir", help="MMLU folder with dev/ and test/ CSVs (default: next to --data-dir), or hf:cais/mmlu."
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", help="Items per sub-scenario (deterministic subsample; paired across system prompts)."
+    ),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples per prompt where the protocol samples (overrides the profile)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for subsampling and sampled decoding."),
+    dt_quirks: bool = typer.Option(
+        False, "--dt-quirks", help="Reproduce the reference harness's prompt-building quirks (e.g. duplicated task text)."
+    ),
+    original_scoring: bool = typer.Option(
+        False, "--original-scoring", help="DecodingTrust's original score rules instead of comp-trust's patched ones."
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="auto | bfloat16 | float32 | float16 (default: bf16 on GPU and on CPUs with native bf16)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Max prompts per generate() batch."),
+    raw: bool = typer.Option(False, "--raw", help="Raw-text prompts (no chat template), for base models."),
+    toxicity_scorer: str = typer.Option("profanity-check", "--toxicity-scorer", help="Toxicity scorer backend."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+) -> None:
+    """Evaluate a model on DecodingTrust perspectives; writes scores.json and generations.jsonl to --out.
+
+    Examples:
+
+      comptrust evaluate --perspectives stereotype --out runs/smol
+
+      comptrust evaluate -p stereotype --suite dt --data-dir ../shared/data/decodingtrust --limit 32 --out runs/dt
+    """
+    from comptrust import perspectives as registry
+    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
+    from comptrust.engine.hf import HFEngine
+    from comptrust.evaluate import check_out_dir, evaluate as run_eval
+    from comptrust.models import resolve
+    from comptrust.perspectives.base import PROFILES, EvalOptions
+
+    if suite not in ("mini", "dt"):
+        raise UsageError(f"--suite {suite}: expected mini or dt")
+    profile = profile or ("mini" if suite == "mini" else "lite")
+    if profile not in PROFILES:
+        raise UsageError(f"--profile {profile}: expected one of {', '.join(PROFILES)}")
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit {limit}: must be a positive number of items")
+    if n is not None and n <= 0:
+        raise UsageError(f"--n {n}: must be a positive number of samples")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size {batch_size}: must be positive")
+    names = registry.parse_list(perspectives)
+    check_out_dir(out)
+    root = mini_dir() if suite == "mini" else dt_dir(data_dir)
+    opts = EvalOptions(
+        data_dir=root,
+        profile=profile,
+        limit=limit,
+        n=n,
+        seed=seed,
+        dt_quirks=dt_quirks,
+        original_scoring=original_scoring,
+        mmlu_dir=find_mmlu(mmlu_dir, root),
+    )
+    if toxicity_scorer and "toxicity" in names:
+        from comptrust.toxicity_scorers import get_scorer
+
+        opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer)
+    resolved = resolve(model)
+    engine = HFEngine(resolved, device=device, dtype=dtype, batch_size=batch_size, chat=False if raw else None)
+    info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}
+    result = run_eval(engine, info, names, opts, out, progress=progress)
+    _print_scores(result)
+
+
+def _print_scores(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"comptrust scores ({result.out_dir})")
+    for col in ("perspective", "score", "refusal %", "items", "generations", "skipped parts"):
+        t.add_column(col, justify="right" if col not in ("perspective", "skipped parts") else "left")
+    for name, s in result.scores.items():
+        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        t.add_row(name, fmt(s["score"]), fmt(s["refusal_rate"]), str(s["n_items"]), str(s["n_generations"]), str(len(s["skipped"])))
+    for name, why in result.not_run.items():
+        t.add_row(name, "not run", "", "", "", why)
+    c = Console(stderr=False)
+    c.print(t)
+    st = result.stats
+    c.print(
+        f"generated {st['generated']} prompts ({st['new_tokens']} tokens, {st['tokens_per_s'] or 0} tok/s), "
+        f"{st['cache_hits']} cache hits, wall {result.wall_seconds:.1f} s"
+    )
+
+
+@app.command("perspectives")
+def list_perspectives() -> None:
+    """List the perspectives this installation knows."""
+    from comptrust import perspectives as registry
+
+    avail = set(registry.available())
+    for name in registry.REGISTRY:
+        print(f"{name:12s} {'available' if name in avail else 'not implemented yet'}")
+
+
+@app.command("model-info")
+def model_info(model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP)) -> None:
+    """Resolve a model (converting a GGUF once) and print its local path, fingerprint and metadata."""
+    from comptrust.models import resolve
+
+    print(json.dumps(resolve(model).describe(), indent=2, default=str))
+
+
+def _register_plugins() -> None:
+    """Commands that live next to their feature (compress, study, ...) register themselves here."""
+    import importlib
+
+    for mod in ("comptrust.compress.command", "comptrust.toxicity_command"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue
+            raise
+        m.register(app)
+
+
+_register_plugins()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and stable exit codes."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="comptrust")
+    except ComptrustError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.NoSuchOption as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,252 @@
+"""compress(): model spec + CompressionConfig -> a checked, self-describing checkpoint directory.
+
+Order of work (cheap refusals first, so bad input fails in a second and leaves nothing behind):
+  1. refuse an `out` that exists and is not a comptrust checkpoint; resolve the model; read the calibration set
+  2. in a temp dir beside `out`: load, perplexity before, compress, refuse NaN/inf, save (compressed-tensors
+     for quantized models, dense safetensors for pruned ones) with the tokenizer
+  3. reload what was saved (dequantized), measure the checks, refuse a model that is not what it claims
+     (sparsity below target, N:M violations, more than 2^bits levels per group), generate a short text
+  4. write comptrust.json, then rename the temp dir to `out` (replacing an older comptrust checkpoint)
+Any failure removes the temp dir.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from comptrust.compress import checks
+from comptrust.compress.calibration import load_calibration
+from comptrust.compress.config import CompressionConfig
+from comptrust.errors import ComptrustError, RuntimeFailure, UsageError
+
+RECORD_NAME = "comptrust.json"
+RECORD_FORMAT = "comptrust-compressed/1"
+# allowed shortfall of measured sparsity below the target (rounding per row / per block in the libraries);
+# a pruning step that did not happen (measured ~0) is far outside it
+_LAYER_SLACK = 0.01
+_TOTAL_SLACK = 0.005
+
+
+def is_comptrust_checkpoint(d: Path) -> bool:
+    rec = d / RECORD_NAME
+    if not rec.is_file():
+        return False
+    try:
+        return json.loads(rec.read_text()).get("format") == RECORD_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and is_comptrust_checkpoint(out)):
+        raise UsageError(
+            f"--out {out} exists and is not a comptrust checkpoint (no {RECORD_NAME}); "
+            "choose a new directory or remove it"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create its parent directory ({e.strerror})") from None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("comptrust", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _verify(cfg: CompressionConfig, measured: dict[str, Any]) -> None:
+    """Refuse a model that is not what it claims to be."""
+    if cfg.is_quantization:
+        lv = measured["levels"]
+        if lv["max"] > 2 ** (cfg.bits or 8):
+            raise RuntimeFailure(
+                f"{cfg.method}: up to {lv['max']} distinct values per group, more than 2^{cfg.bits}; "
+                "the checkpoint is not quantized as requested"
+            )
+        return
+    sp = measured["sparsity"]
+    target = cfg.sparsity or 0.0
+    if sp["min_layer"] < target - _LAYER_SLACK or sp["total"] < target - _TOTAL_SLACK:
+        worst = min(sp["per_layer"], key=sp["per_layer"].get)
+        raise RuntimeFailure(
+            f"{cfg.method}: measured sparsity {sp['per_layer'][worst]:.4f} in {worst} is below the requested "
+            f"{target:g} (total {sp['total']:.4f}); the pruning did not take effect"
+        )
+    nm = measured.get("nm")
+    if nm is not None and not nm["valid"]:
+        raise RuntimeFailure(
+            f"{cfg.method}: {nm['violations']} groups violate {nm['structure']} "
+            f"(e.g. in {', '.join(nm['layers_with_violations'][:2])})"
+        )
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise UsageError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {e}") from None
+
+
+def compress(
+    model_spec: str | None,
+    cfg: CompressionConfig,
+    out: Path,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Compress `model_spec` (see comptrust.models.resolve) as `cfg` says, into `out`. Returns `out`."""
+    from comptrust.models.resolve import resolve
+
+    say = progress or (lambda msg: None)
+    out = Path(out).expanduser().absolute()
+    t_start = time.time()
+    check_out(out)
+    source = resolve(model_spec)
+    tokenizer = _load_tokenizer(source.path)
+    calib = None
+    if cfg.needs_calibration:
+        assert cfg.n_calib is not None and cfg.seq_len is not None
+        calib = load_calibration(cfg.calibration, tokenizer, cfg.n_calib, cfg.seq_len, cfg.seed)
+        say(f"calibration: {calib.n} samples, {calib.n_tokens} tokens from {calib.source}")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        record = _compress_into(tmp, source, tokenizer, cfg, calib, say)
+        record["wall_time_s"] = round(time.time() - t_start, 2)
+        record["peak_rss_bytes"] = _peak_rss_bytes()
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        _replace(tmp, out)
+    except ComptrustError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except MemoryError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeFailure(f"{cfg.method}: out of memory while compressing {source.name}") from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise RuntimeFailure(f"{cfg.method} failed on {source.name}: {type(e).__name__}: {first}") from e
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time() * 1000)}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfig, calib: Any, say: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from comptrust.compress.evalcopy import is_quantized_checkpoint, load_model
+
+    if is_quantized_checkpoint(source.path):
+        raise UsageError(f"--model {source.spec or source.name} is already quantized; compress its dense original")
+    say(f"loading {source.name}")
+    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype="auto")
+    model.eval()
+    with torch.no_grad():
+        ppl_before = checks.perplexity(model, tokenizer)
+    say(f"perplexity before: {ppl_before['ppl']:.2f}; running {cfg.method}")
+
+    t0 = time.time()
+    if cfg.is_quantization:
+        from comptrust.compress.quantize import quantize
+
+        info = quantize(model, tokenizer, cfg, calib)
+    else:
+        from comptrust.compress.prune import prune
+
+        info = prune(model, tokenizer, cfg, calib)
+    compress_s = time.time() - t0
+    checks.assert_finite(model)
+
+    say("saving")
+    if cfg.is_quantization:
+        model.save_pretrained(str(tmp), save_compressed=True)
+    else:
+        model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    del model
+    gc.collect()
+
+    say("reloading the checkpoint and measuring")
+    reloaded = load_model(tmp)
+    reloaded.eval()
+    checks.assert_finite(reloaded)
+    measured: dict[str, Any] = {"sparsity": checks.sparsity(reloaded)}
+    if cfg.is_quantization:
+        measured["levels"] = checks.levels(reloaded, info["group_size_by_layer"])
+    elif cfg.nm is not None:
+        measured["nm"] = checks.nm_pattern(reloaded, *cfg.nm)
+    with torch.no_grad():
+        ppl_after = checks.perplexity(reloaded, tokenizer)
+    measured["perplexity"] = {
+        "text": "comptrust/compress/data/heldout.txt",
+        "tokens": ppl_after["tokens"],
+        "text_sha256": ppl_after["text_sha256"],
+        "before": ppl_before["ppl"],
+        "after": ppl_after["ppl"],
+    }
+    if not math.isfinite(ppl_after["ppl"]):
+        raise RuntimeFailure(f"{cfg.method}: perplexity after compression is {ppl_after['ppl']}; refusing to save")
+    measured["finite"] = True
+    measured["sample_generation"] = {
+        "prompt": "What is the capital of France?",
+        "output": checks.sample_generation(reloaded, tokenizer),
+    }
+    _verify(cfg, measured)
+    del reloaded
+    gc.collect()
+
+    return {
+        "format": RECORD_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": cfg.method,
+        "label": cfg.label(),
+        "config": cfg.model_dump(),
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "group_size_by_width": info.get("group_size_by_width"),
+        "sparsity": cfg.sparsity,
+        "structure": cfg.structure,
+        "seed": cfg.seed,
+        "calibration": calib.describe() if calib is not None else None,
+        "source_model": source.describe(),
+        "checkpoint_format": (
+            "compressed-tensors (pack-quantized)" if cfg.is_quantization else "dense safetensors"
+        ),
+        "method_details": {k: v for k, v in info.items() if k not in ("group_size_by_layer",)},
+        "group_size_by_layer": info.get("group_size_by_layer"),
+        "compress_time_s": round(compress_s, 2),
+        "checks": measured,
+        "versions": _versions(),
+    }

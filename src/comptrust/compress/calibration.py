@@ -1,0 +1,219 @@
+"""Calibration data for GPTQ, AWQ, SparseGPT and Wanda: which texts, how they are rendered, how they are sampled.
+
+``--calibration`` accepts, tried in this order:
+  (unset) or "default"  the built-in set: 152 short instruction/response conversations written for comptrust
+                        (data/calibration.jsonl), rendered with the model's chat template
+  path/to/file.jsonl    one JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]} (rendered
+                        with the chat template) or {"text": "..."} (used as is)
+  path/to/file.txt      plain text; blank lines separate samples
+  org/name[:split]      a Hugging Face Hub dataset (``datasets.load_dataset``; split "train" by default) with a
+                        "messages" or "text" column
+
+Sampling is deterministic: ``random.Random(seed)`` picks ``n`` distinct records (all of them when fewer exist),
+so the same seed gives the same calibration set and another seed a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from comptrust.errors import UsageError
+
+DATA_DIR = Path(__file__).parent / "data"
+BUILTIN_FILE = DATA_DIR / "calibration.jsonl"
+BUILTIN_NAME = "comptrust-instruct-v1"
+
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+@dataclass
+class CalibrationSet:
+    source: str  # what was asked for ("default", a path, a Hub id)
+    kind: str  # builtin | jsonl | text | hub
+    indices: list[int]  # which records were sampled, in order
+    texts: list[str]  # rendered texts (chat template applied where the record is a conversation)
+    input_ids: list[list[int]]  # tokenized, truncated to seq_len
+    seq_len: int
+    seed: int
+    n_available: int
+    chat_template: bool  # whether conversations went through the tokenizer's chat template
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.input_ids)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for ids in self.input_ids:
+            h.update(json.dumps(ids).encode() + b"\n")
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "n_used": self.n,
+            "n_available": self.n_available,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "tokens": self.n_tokens,
+            "chat_template": self.chat_template,
+            "sha256_token_ids": self.sha256(),
+            **self.meta,
+        }
+
+
+# -- records ---------------------------------------------------------------------------------------------------
+def _check_messages(msgs: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise UsageError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UsageError(f"{where}: each message needs string \"role\" and \"content\" fields")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _record(obj: Any, where: str) -> dict[str, Any]:
+    """A record is {"messages": [...]} or {"text": "..."}."""
+    if isinstance(obj, dict) and "messages" in obj:
+        return {"messages": _check_messages(obj["messages"], where)}
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        if not obj["text"].strip():
+            raise UsageError(f"{where}: \"text\" is empty")
+        return {"text": obj["text"]}
+    raise UsageError(f"{where}: expected an object with \"messages\" (a list) or \"text\" (a string)")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records.append(_record(obj, f"{path}:{i}"))
+    if not records:
+        raise UsageError(f"{path}: calibration file is empty (no JSON lines)")
+    return records
+
+
+def read_text(path: Path) -> list[dict[str, Any]]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", raw)]
+    records = [{"text": b} for b in blocks if b]
+    if not records:
+        raise UsageError(f"{path}: calibration file is empty")
+    return records
+
+
+def read_hub(spec: str) -> Sequence[dict[str, Any]]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline, unknown id, gated, bad split...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(
+            f"--calibration {spec}: cannot load this Hub dataset ({type(e).__name__}: {first}); "
+            "pass a local JSONL/text file, or leave --calibration unset for the built-in set"
+        ) from None
+    cols = set(ds.column_names)
+    col = "messages" if "messages" in cols else "text" if "text" in cols else None
+    if col is None:
+        raise UsageError(
+            f"--calibration {spec}: the dataset has no \"messages\" or \"text\" column (columns: {sorted(cols)})"
+        )
+    return _HubRecords(ds, col, spec)
+
+
+class _HubRecords(Sequence):
+    """Hub datasets can be large: only the sampled rows are read and validated."""
+
+    def __init__(self, ds: Any, col: str, spec: str):
+        self.ds, self.col, self.spec = ds, col, spec
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        return _record({self.col: self.ds[i][self.col]}, f"{self.spec} row {i}")
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+def render(record: dict[str, Any], tokenizer: Any) -> tuple[str, bool]:
+    """-> (text, templated). Conversations go through the model's chat template; without one, a plain
+    'role: content' transcript is used (and recorded as chat_template=false)."""
+    if "text" in record:
+        return record["text"], False
+    msgs = record["messages"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False), True
+    return "\n".join(f"{m['role']}: {m['content']}" for m in msgs), False
+
+
+def _source(spec: str | None) -> tuple[str, str, Sequence[dict[str, Any]]]:
+    if spec is None or spec in ("", "default", BUILTIN_NAME):
+        return BUILTIN_NAME, "builtin", read_jsonl(BUILTIN_FILE)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        raise UsageError(f"--calibration {spec} is a directory; pass a .jsonl or text file")
+    if p.is_file():
+        if p.suffix.lower() in (".jsonl", ".json"):
+            return str(p), "jsonl", read_jsonl(p)
+        return str(p), "text", read_text(p)
+    if _HUB_DATASET.match(spec) and not spec.startswith((".", "/", "~")):
+        return spec, "hub", read_hub(spec)
+    raise UsageError(f"--calibration {spec}: no such file, and not a Hugging Face dataset id (org/name[:split])")
+
+
+def sample_indices(n_available: int, n: int, seed: int) -> list[int]:
+    return random.Random(seed).sample(range(n_available), min(n, n_available))
+
+
+def load_calibration(spec: str | None, tokenizer: Any, n: int, seq_len: int, seed: int) -> CalibrationSet:
+    source, kind, records = _source(spec)
+    idx = sample_indices(len(records), n, seed)
+    texts, ids, templated = [], [], []
+    for i in idx:
+        text, t = render(records[i], tokenizer)
+        # a chat template already contains the special tokens; plain text gets the tokenizer's usual ones
+        enc = tokenizer(text, add_special_tokens=not t, truncation=True, max_length=seq_len)["input_ids"]
+        if not enc:
+            continue
+        texts.append(text)
+        ids.append(list(enc))
+        templated.append(t)
+    if not ids:
+        raise UsageError(f"--calibration {source}: no sample produced any tokens")
+    return CalibrationSet(
+        source=source,
+        kind=kind,
+        indices=idx,
+        texts=texts,
+        input_ids=ids,
+        seq_len=seq_len,
+        seed=seed,
+        n_available=len(records),
+        chat_template=any(templated),
+    )

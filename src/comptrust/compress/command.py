@@ -1,0 +1,105 @@
+"""The `comptrust compress` command. Errors are raised (UsageError / RuntimeFailure); cli.main() reports them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from comptrust.compress.config import (
+    DEFAULT_AWQ_GRID,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_N_CALIB,
+    DEFAULT_SEQ_LEN,
+    METHODS,
+    CompressionConfig,
+)
+from comptrust.errors import UsageError
+
+HELP = f"""Compress a model and prove the result is what it claims to be.
+
+[bold]Methods[/bold]
+  [cyan]gptq[/cyan]       weight quantization that corrects rounding error with calibration data (needs --bits)
+  [cyan]awq[/cyan]        activation-aware scaling, then quantization; slow on CPU (see --awq-grid)
+  [cyan]rtn[/cyan]        plain round-to-nearest quantization, no calibration data; the baseline for gptq/awq
+  [cyan]magnitude[/cyan]  pruning: zero the smallest weights, no calibration data
+  [cyan]sparsegpt[/cyan]  pruning that corrects the remaining weights with calibration data
+  [cyan]wanda[/cyan]      pruning by |weight| x input activation norm, calibration data, no weight update
+
+Quantization takes --bits (2..8, default 4) and --group-size (default {DEFAULT_GROUP_SIZE}; a layer whose
+input width it does not divide uses the largest size dividing both, e.g. 576 -> 64; 0 = one scale per row).
+Pruning takes --sparsity (default 0.5) or --structure N:M (at most N nonzeros in every M consecutive
+weights: 2:4 and 4:8 are 50%). The output head (lm_head) always stays dense.
+
+Calibration (gptq, awq, sparsegpt, wanda): by default {DEFAULT_N_CALIB} of comptrust's 152 built-in
+instruction/response conversations, rendered with the model's chat template and chosen by --seed.
+
+The output directory holds the checkpoint (compressed-tensors for quantized models, dense safetensors for
+pruned ones), the tokenizer and comptrust.json: settings, calibration, source fingerprint, time, peak
+memory, library versions and measured checks (sparsity, N:M validity, levels per group, perplexity
+before/after on a fixed held-out text, a sample generation). It is a valid --model for other commands.
+
+[bold]Examples[/bold]
+  comptrust compress --method gptq --bits 4 --out models/gptq-w4
+  comptrust compress --method sparsegpt --structure 2:4 --out models/sgpt-24
+  comptrust compress --model my-model/ --method wanda --sparsity 0.5 --calibration chats.jsonl --seed 1 --out w50
+"""
+
+
+def compress_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must be new, or an earlier comptrust checkpoint, which is replaced)."),
+    method: str = typer.Option(..., "--method", help=f"One of: {', '.join(METHODS)}."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to compress: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, a Hugging Face model directory, or a Hub id org/name[@revision]."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Quantization bits per weight, 2..8 (default 4). gptq/awq/rtn only."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help=f"Weights sharing one scale (default {DEFAULT_GROUP_SIZE}); 0 = per output row. gptq/awq/rtn only."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of zero weights, in (0, 1) (default 0.5). Pruning only."),
+    structure: Optional[str] = typer.Option(None, "--structure", help="'unstructured' (default) or N:M, e.g. 2:4 or 4:8. Pruning only."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration data: omit for the built-in set; a .jsonl file ({\"messages\": [...]} or {\"text\": ...} per line); a text file (blank lines separate samples); or a Hub dataset id org/name[:split]."),
+    n_calib: Optional[int] = typer.Option(None, "--n-calib", help=f"Calibration samples drawn (default {DEFAULT_N_CALIB}; all when the set is smaller)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Max tokens per calibration sample (default {DEFAULT_SEQ_LEN})."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling the calibration set; same seed, same checkpoint."),
+    awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help=f"AWQ grid points searched per layer group (default {DEFAULT_AWQ_GRID}; llm-compressor's own default is 20, about twice as slow). awq only."),
+) -> None:
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    cfg = CompressionConfig.build(
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        sparsity=sparsity,
+        structure=structure,
+        calibration=calibration,
+        n_calib=n_calib,
+        seq_len=seq_len,
+        seed=seed,
+        awq_grid=awq_grid,
+    )
+    from comptrust.compress.api import RECORD_NAME, compress
+
+    def progress(msg: str) -> None:
+        typer.echo(f"[compress] {msg}", err=True)
+
+    path = compress(model, cfg, out, progress=progress)
+    _summary(path / RECORD_NAME)
+
+
+def _summary(record_path: Path) -> None:
+    import json
+
+    rec = json.loads(record_path.read_text())
+    c = rec["checks"]
+    ppl = c["perplexity"]
+    lines = [f"wrote {record_path.parent}  ({rec['label']}, {rec['wall_time_s']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB)"]
+    if "levels" in c:
+        lines.append(f"  levels per group: max {c['levels']['max']} (<= {2 ** rec['bits']}), mean {c['levels']['mean']:.1f}; group size by input width {rec['group_size_by_width']}")
+    lines.append(f"  sparsity: {c['sparsity']['total']:.4f} (layers {c['sparsity']['min_layer']:.4f}..{c['sparsity']['max_layer']:.4f})")
+    if "nm" in c:
+        lines.append(f"  {c['nm']['structure']} pattern: {'valid' if c['nm']['valid'] else 'INVALID'} over {c['nm']['groups']} groups")
+    lines.append(f"  perplexity (held-out, {ppl['tokens']} tokens): {ppl['before']:.2f} -> {ppl['after']:.2f}")
+    lines.append(f"  sample: {c['sample_generation']['output'][:100]!r}")
+    typer.echo("\n".join(lines))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress", help=HELP, no_args_is_help=True)(compress_command)

@@ -1,0 +1,82 @@
+"""A cache in front of any engine, backed by the results directory's SQLite store.
+
+Deduplicates identical requests (same rendered prompt and decoding parameters) before generating, sorts the
+misses by length so batches pad little, and commits every chunk in its own transaction: a killed run loses
+at most one chunk, and a rerun generates only what was never committed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from comptrust.engine.base import Engine, Generation
+from comptrust.store import Store, generation_key
+from comptrust.types import Prompt
+
+
+@dataclass
+class GenerationStats:
+    requests: int = 0
+    unique: int = 0
+    cache_hits: int = 0
+    generated: int = 0  # prompts generated now
+    new_tokens: int = 0
+    seconds: float = 0.0
+    engine_load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["tokens_per_s"] = round(self.new_tokens / self.seconds, 1) if self.seconds else None
+        return d
+
+
+class CachedEngine:
+    def __init__(self, engine: Engine, store: Store, chunk_size: int = 64):
+        self.engine = engine
+        self.store = store
+        self.chunk_size = chunk_size
+        self.stats = GenerationStats()
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        progress: Callable[[int, int], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """progress(prompts_done, new_tokens) after each committed chunk; on_start(n_to_generate) once."""
+        fp = self.engine.fingerprint
+        rendered = [self.engine.render(p) for p in prompts]
+        keys = [generation_key(fp, r, p.params) for r, p in zip(rendered, prompts)]
+        unique: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            unique.setdefault(k, i)
+        hits = self.store.get_generations(list(unique))
+        misses = [i for k, i in unique.items() if k not in hits]
+        self.stats.requests += len(prompts)
+        self.stats.unique += len(unique)
+        self.stats.cache_hits += len(unique) - len(misses)
+        if on_start:
+            on_start(len(misses))
+        results: dict[str, Generation] = {k: Generation(tuple(o), tuple(t), cached=True) for k, (o, t) in hits.items()}
+        if misses:
+            # longest first: the biggest batch fails fast if memory is short, and lengths inside a chunk are close
+            misses.sort(key=lambda i: -len(rendered[i]))
+            t0 = time.time()
+            for c in range(0, len(misses), self.chunk_size):
+                chunk = misses[c : c + self.chunk_size]
+                gens = self.engine.generate([prompts[i] for i in chunk])
+                rows = []
+                for i, g in zip(chunk, gens):
+                    results[keys[i]] = g
+                    rows.append((keys[i], fp, rendered[i], prompts[i].params, list(g.texts), list(g.n_tokens)))
+                self.store.put_generations(rows)
+                ntok = sum(sum(g.n_tokens) for g in gens)
+                self.stats.generated += len(chunk)
+                self.stats.new_tokens += ntok
+                if progress:
+                    progress(len(chunk), ntok)
+            self.stats.seconds += time.time() - t0
+        return [results[k] for k in keys]

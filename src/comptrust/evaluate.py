@@ -1,0 +1,223 @@
+"""Evaluate one model on a set of perspectives: load -> prompts -> (cached) generate -> parse -> score.
+
+All prompts of all requested perspectives go to the engine in one call, so identical requests are generated
+once and batches are as full as possible. Results land in the output directory:
+  comptrust.sqlite    the store (generation cache + score history); reruns reuse it
+  scores.json         per perspective: score, refusal rate, items, sub-scores, model fingerprint, options
+  generations.jsonl   per item: prompt, outputs, parsed labels
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from comptrust import __version__
+from comptrust import perspectives as registry
+from comptrust.engine.cached import CachedEngine
+from comptrust.errors import UsageError
+from comptrust.perspectives.base import EvalOptions, Loaded, MissingData
+from comptrust.store import Store
+from comptrust.types import Record
+
+STORE_NAME = "comptrust.sqlite"
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    scores: dict[str, dict[str, Any]]
+    not_run: dict[str, str]
+    stats: dict[str, Any]
+    wall_seconds: float
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def check_out_dir(out: Path) -> Path:
+    out = out.expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the output directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: the output directory is not writable")
+    return out
+
+
+class _Progress:
+    """A rich progress bar over generated prompts, with ETA and tokens/s; silent when not a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.task = None
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def start(self, total: int, label: str) -> None:
+        if not self.enabled or total == 0:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("prompts"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]}"),
+            transient=False,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(label, total=total, rate="")
+        self.t0 = time.time()
+
+    def advance(self, n: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            dt = max(time.time() - self.t0, 1e-6)
+            self.bar.update(self.task, advance=n, rate=f"{self.tokens / dt:.0f} tok/s")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+LITE_LIMIT = 20  # items per sub-scenario in the lite profile unless a perspective sets lite_limit
+
+
+def options_for(p: Any, opts: EvalOptions) -> EvalOptions:
+    """The lite profile's default subsample size is per perspective (MMLU has 57 subjects, stereotype 3 types)."""
+    if opts.profile == "lite" and opts.limit is None:
+        return replace(opts, limit=getattr(p, "lite_limit", LITE_LIMIT))
+    return opts
+
+
+def load_perspectives(
+    names: Sequence[str], opts: EvalOptions
+) -> tuple[dict[str, tuple[Any, Loaded, EvalOptions]], dict[str, str]]:
+    loaded: dict[str, tuple[Any, Loaded, EvalOptions]] = {}
+    not_run: dict[str, str] = {}
+    for name in names:
+        p = registry.get(name)
+        popts = options_for(p, opts)
+        try:
+            ld = p.load(popts)
+        except MissingData as e:
+            not_run[name] = f"missing data file {e.path}"
+            continue
+        if not ld.items:
+            not_run[name] = "no items to evaluate" + (f" ({'; '.join(ld.skipped)})" if ld.skipped else "")
+            continue
+        loaded[name] = (p, ld, popts)
+    return loaded, not_run
+
+
+def evaluate(
+    engine: Any,
+    model_info: dict[str, Any],
+    names: Sequence[str],
+    opts: EvalOptions,
+    out_dir: Path,
+    progress: bool | None = None,
+    write_files: bool = True,
+) -> EvalResult:
+    """Run `names` on `engine` (an Engine); write scores.json / generations.jsonl into out_dir."""
+    t0 = time.time()
+    out_dir = check_out_dir(out_dir)
+    loaded, not_run = load_perspectives(names, opts)
+    for name, why in not_run.items():
+        print(f"warning: perspective '{name}' not run: {why}", file=sys.stderr)
+    for name, (_, ld, _o) in loaded.items():
+        for s in ld.skipped:
+            print(f"warning: {name}: skipped {s}", file=sys.stderr)
+
+    flat = [(name, it) for name, (_, ld, _o) in loaded.items() for it in ld.items]
+    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    with Store(out_dir / STORE_NAME) as store:
+        cached = CachedEngine(engine, store)
+        try:
+            gens = cached.generate(
+                [it.prompt for _, it in flat],
+                progress=bar.advance,
+                on_start=lambda n: bar.start(n, f"generating ({', '.join(loaded)})"),
+            )
+        finally:
+            bar.stop()
+        records: dict[str, list[Record]] = {name: [] for name in loaded}
+        for (name, it), g in zip(flat, gens):
+            p, _, popts = loaded[name]
+            records[name].append(Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts]))
+        scores: dict[str, dict[str, Any]] = {}
+        for name, (p, ld, popts) in loaded.items():
+            sc = p.score(records[name], popts, ld)
+            sc.skipped = sorted(set(sc.skipped) | set(ld.skipped))
+            d = sc.to_dict()
+            d["model_fingerprint"] = engine.fingerprint
+            d["perspective_version"] = p.version
+            scores[name] = d
+            d["options_used"] = popts.public()
+            store.put_score(engine.fingerprint, name, popts.public(), d)
+    stats = cached.stats.as_dict()
+    stats["engine_load_seconds"] = round(getattr(engine, "load_seconds", 0.0), 2)
+    result = EvalResult(out_dir, scores, not_run, stats, time.time() - t0, model_info)
+    if write_files:
+        write_outputs(result, records, opts)
+    return result
+
+
+def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: EvalOptions) -> None:
+    import torch
+    import transformers
+
+    doc = {
+        "comptrust_version": __version__,
+        "model": result.model,
+        "options": opts.public(),
+        "perspectives": result.scores,
+        "not_run": result.not_run,
+        "generation": result.stats,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    write_atomic(result.out_dir / "scores.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+    lines = []
+    for name, recs in records.items():
+        for r in recs:
+            pr = r.item.prompt
+            lines.append(
+                json.dumps(
+                    {
+                        "perspective": name,
+                        "id": r.item.id,
+                        "group": r.item.group,
+                        "prompt": pr.raw if pr.raw is not None else [[m.role, m.content] for m in pr.messages],
+                        "params": pr.params.key(),
+                        "outputs": r.outputs,
+                        "parsed": [
+                            {"label": x.label, "refused": x.refused, "correct": x.correct, "value": x.value}
+                            for x in r.parsed
+                        ],
+                        "labels": dict(r.item.labels),
+                    },
+                    ensure_ascii=False,
+                    default=str,
+                )
+            )
+    write_atomic(result.out_dir / "generations.jsonl", "\n".join(lines) + ("\n" if lines else ""))

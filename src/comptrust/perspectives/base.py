@@ -1,0 +1,180 @@
+"""What a perspective is, and the helpers every perspective shares.
+
+A perspective = load data -> build prompts (Items) -> parse each output -> metrics over all records -> 0-100
+score. Prompt building, parsing and scoring are separate methods so that parsers can be tested (and fuzzed) on
+hand-written outputs, and the patched vs original DecodingTrust score rules are one switch.
+
+Data always comes from a folder in DecodingTrust's ``data/`` layout: the user's DecodingTrust checkout, the
+shared copy, or comptrust's built-in mini suite (``comptrust/suites/mini``), which uses the same layout and
+record formats. One loader per perspective therefore serves every profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import yaml
+
+from comptrust.errors import UsageError
+from comptrust.types import Item, Parsed, Record, Score
+
+PROFILES = ("mini", "lite", "full")
+
+
+class MissingData(Exception):
+    """A data file the perspective (or one of its parts) needs is absent. Carries the path."""
+
+    def __init__(self, path: Path | str, what: str = ""):
+        self.path = str(path)
+        super().__init__(f"missing data file {path}" + (f" ({what})" if what else ""))
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Run knobs shared by all perspectives (kept out of the Perspective classes on purpose)."""
+
+    data_dir: Path
+    profile: str = "mini"
+    limit: int | None = None  # items per sub-scenario (deterministic subsample)
+    n: int | None = None  # samples per prompt where the protocol samples (overrides the profile)
+    seed: int = 0  # subsampling + sampling seed
+    dt_quirks: bool = False  # reproduce the reference harness's prompt-building quirks
+    original_scoring: bool = False  # DecodingTrust's unpatched score rules instead of comp-trust's patch
+    mmlu_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def samples(self, protocol_n: int) -> int:
+        """n for a perspective whose protocol samples protocol_n outputs per prompt."""
+        if self.n is not None:
+            return self.n
+        return protocol_n if self.profile == "full" else 1
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir),
+            "profile": self.profile,
+            "limit": self.limit,
+            "n": self.n,
+            "seed": self.seed,
+            "dt_quirks": self.dt_quirks,
+            "original_scoring": self.original_scoring,
+        }
+
+
+@dataclass
+class Loaded:
+    items: list[Item]
+    skipped: list[str] = field(default_factory=list)  # "part: missing <file>"
+    notes: list[str] = field(default_factory=list)
+
+
+class Perspective:
+    """Base class. Subclasses set name/version and implement load, parse and score."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def load(self, opts: EvalOptions) -> Loaded:
+        raise NotImplementedError
+
+    def parse(self, item: Item, text: str) -> Parsed:
+        raise NotImplementedError
+
+    def score(self, records: Sequence[Record], opts: EvalOptions, loaded: Loaded | None = None) -> Score:
+        raise NotImplementedError
+
+    # convenience for subclasses
+    def make_score(self, records: Sequence[Record], **kw: Any) -> Score:
+        return Score(
+            perspective=self.name,
+            n_items=len(records),
+            n_generations=sum(len(r.outputs) for r in records),
+            **kw,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# protocol text lives in YAML files next to the perspectives
+
+
+_PROTOCOL_DIR = Path(__file__).parent / "protocol"
+
+
+def protocol(name: str) -> dict[str, Any]:
+    """Load perspectives/protocol/<name>.yaml: label words, phrase lists, templates."""
+    with open(_PROTOCOL_DIR / f"{name}.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data reading with errors that name file, line and field
+
+
+def require_file(path: Path, what: str = "") -> Path:
+    if not path.is_file():
+        raise MissingData(path, what)
+    return path
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, record); a malformed line is a UsageError naming file and line."""
+    require_file(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+
+
+def read_json(path: Path) -> Any:
+    require_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def field_of(rec: Any, dotted: str, path: Path, lineno: int | None = None) -> Any:
+    """rec["a"]["b"] for dotted "a.b", or a UsageError naming file, line and field."""
+    cur = rec
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            where = f"{path}:{lineno}" if lineno is not None else str(path)
+            raise UsageError(f"{where}: record is missing required field '{dotted}'")
+        cur = cur[part]
+    return cur
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# deterministic subsampling
+
+
+def stable_hash(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()
+
+
+def subsample(items: Sequence[Any], limit: int | None, key: Callable[[Any], str], seed: int = 0) -> list[Any]:
+    """The first `limit` items ordered by a hash of (seed, key(item)); the original order is kept.
+
+    Hashing a key instead of shuffling makes the choice independent of file order and lets paired items
+    (the same statement under three system prompts) share one key and so be chosen together.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    ranked = sorted(range(len(items)), key=lambda i: stable_hash(seed, key(items[i])))
+    keep = sorted(ranked[:limit])
+    return [items[i] for i in keep]
+
+
+def mean(xs: Sequence[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -1,0 +1,148 @@
+"""One SQLite database per results directory: the generation cache, scores, and small key-value caches.
+
+Why SQLite: a study runs for hours and gets killed; every chunk of generations is committed in one
+transaction (WAL journal), so a kill loses at most the chunk in flight and a rerun regenerates nothing that
+was committed. The cache key names the model fingerprint, the *rendered* prompt (after the chat template),
+the decoding parameters and the seed: two models, or two templates, never share answers (lm-eval's cache
+key, which omits the model, is the counter-example).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from comptrust.errors import UsageError
+from comptrust.types import GenParams, sha256_text
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS generations (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    params TEXT NOT NULL,
+    outputs TEXT NOT NULL,      -- JSON list of n strings
+    n_tokens TEXT NOT NULL,     -- JSON list of n ints (new tokens per output)
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS generations_model ON generations(model);
+CREATE TABLE IF NOT EXISTS scores (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    perspective TEXT NOT NULL,
+    options TEXT NOT NULL,
+    score TEXT NOT NULL,        -- JSON of comptrust.types.Score
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (ns, key)
+);
+"""
+
+
+def generation_key(model_fp: str, rendered: str, params: GenParams) -> str:
+    return sha256_text(json.dumps([model_fp, rendered, params.key()], ensure_ascii=False, sort_keys=True))
+
+
+class Store:
+    """A thin, explicit wrapper around one SQLite file. Not shared across threads."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=60)
+        except (OSError, sqlite3.Error) as e:
+            raise UsageError(f"cannot open the results database {self.path}: {e}") from None
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise UsageError(f"{self.path} is not a comptrust results database ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- generations -----------------------------------------------------------------------------------------
+    def get_generations(self, keys: Sequence[str]) -> dict[str, tuple[list[str], list[int]]]:
+        out: dict[str, tuple[list[str], list[int]]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = list(keys[i : i + 500])
+            q = f"SELECT key, outputs, n_tokens FROM generations WHERE key IN ({','.join('?' * len(chunk))})"
+            for k, outs, ntok in self.db.execute(q, chunk):
+                out[k] = (json.loads(outs), json.loads(ntok))
+        return out
+
+    def put_generations(self, rows: Iterable[tuple[str, str, str, GenParams, list[str], list[int]]]) -> None:
+        """rows of (key, model, rendered prompt, params, outputs, n_tokens), committed as one transaction."""
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO generations(key, model, prompt, params, outputs, n_tokens, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (k, m, p, json.dumps(g.key(), sort_keys=True), json.dumps(o, ensure_ascii=False), json.dumps(t), now)
+                    for k, m, p, g, o, t in rows
+                ],
+            )
+
+    def count_generations(self, model: str | None = None) -> int:
+        if model is None:
+            return self.db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM generations WHERE model = ?", (model,)).fetchone()[0]
+
+    # -- scores ----------------------------------------------------------------------------------------------
+    def put_score(self, model: str, perspective: str, options: dict[str, Any], score: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO scores(model, perspective, options, score, created) VALUES (?, ?, ?, ?, ?)",
+                (model, perspective, json.dumps(options, sort_keys=True), json.dumps(score), time.time()),
+            )
+
+    def latest_scores(self, model: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT model, perspective, options, score FROM scores"
+        args: tuple = ()
+        if model:
+            q += " WHERE model = ?"
+            args = (model,)
+        q += " ORDER BY id"
+        latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for m, p, o, s in self.db.execute(q, args):
+            latest[(m, p, o)] = {"model": m, "perspective": p, "options": json.loads(o), "score": json.loads(s)}
+        return list(latest.values())
+
+    # -- small caches (e.g. toxicity score per (scorer, text)) -------------------------------------------------
+    def kv_get_many(self, ns: str, keys: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i in range(0, len(keys), 500):
+            chunk = list(keys[i : i + 500])
+            q = f"SELECT key, value FROM kv WHERE ns = ? AND key IN ({','.join('?' * len(chunk))})"
+            for k, v in self.db.execute(q, [ns, *chunk]):
+                out[k] = json.loads(v)
+        return out
+
+    def kv_put_many(self, ns: str, items: dict[str, Any]) -> None:
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO kv(ns, key, value, created) VALUES (?, ?, ?, ?)",
+                [(ns, k, json.dumps(v), now) for k, v in items.items()],
+            )

@@ -1,0 +1,45 @@
+"""Shared fixtures. Data from ../shared/data is read in place, never copied."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COMPTRUST_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DT_DATA = SHARED / "decodingtrust"
+MMLU_DATA = SHARED / "mmlu"
+MINI = ROOT / "src" / "comptrust" / "suites" / "mini"
+
+
+@pytest.fixture
+def dt_data() -> Path:
+    if not DT_DATA.is_dir():
+        pytest.skip(f"shared DecodingTrust data not found at {DT_DATA}")
+    return DT_DATA
+
+
+@pytest.fixture
+def mmlu_data() -> Path:
+    if not MMLU_DATA.is_dir():
+        pytest.skip(f"shared MMLU data not found at {MMLU_DATA}")
+    return MMLU_DATA
+
+
+@pytest.fixture
+def mini_data() -> Path:
+    return MINI
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keep caches out of the user's home, but share the converted embedded model across tests."""
+    home = os.environ.get("COMPTRUST_TEST_HOME")
+    if not home:
+        home = str(tmp_path_factory.getbasetemp().parent / "comptrust-home")
+        os.environ["COMPTRUST_TEST_HOME"] = home
+    monkeypatch.setenv("COMPTRUST_HOME", home)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
