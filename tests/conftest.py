@@ -33,13 +33,14 @@ def mini_data() -> Path:
     return MINI
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Keep caches out of the user's home, but share the converted embedded model across tests."""
-    home = os.environ.get("COMPTRUST_TEST_HOME")
-    if not home:
-        home = str(tmp_path_factory.getbasetemp().parent / "comptrust-home")
-        os.environ["COMPTRUST_TEST_HOME"] = home
-    monkeypatch.setenv("COMPTRUST_HOME", home)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
+def pytest_configure(config):
+    """Keep caches out of the user's home, but share the converted embedded model across test runs.
+
+    Set for the whole session (module-scoped fixtures resolve models before function fixtures run).
+    """
+    home = os.environ.get("COMPTRUST_TEST_HOME") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"comptrust-test-home-{os.getuid()}"
+    )
+    os.environ["COMPTRUST_HOME"] = home
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

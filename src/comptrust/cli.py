@@ -190,24 +190,44 @@ def _register_plugins() -> None:
 _register_plugins()
 
 
+def _click_exceptions():
+    """typer >= 0.2x vendors click; catch both its copy and click proper."""
+    mods = []
+    try:
+        import typer._click.exceptions as tce  # type: ignore[import-not-found]
+
+        mods.append(tce)
+    except ImportError:
+        pass
+    mods.append(click.exceptions)
+    import typer.exceptions as tex
+
+    mods.append(tex)
+
+    def pick(name: str) -> tuple:
+        return tuple({getattr(m, name) for m in mods if hasattr(m, name)})
+
+    usage, abort, exit_, clicks = pick("UsageError"), pick("Abort"), pick("Exit"), pick("ClickException")
+    return usage, abort, exit_, clicks
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors and stable exit codes."""
+    """Console entry point: one-line errors and stable exit codes (2 usage, 1 runtime, 130 interrupted)."""
+    usage, abort, exit_, clicks = _click_exceptions()
     try:
         app(args=argv, standalone_mode=False, prog_name="comptrust")
     except ComptrustError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.NoSuchOption as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+    except usage as e:
+        msg = " ".join(e.format_message().split())
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except click.UsageError as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+    except clicks as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, *abort):
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.Exit as e:
+    except exit_ as e:
         sys.exit(e.exit_code)

@@ -145,8 +145,10 @@ def evaluate(
     for name, why in not_run.items():
         print(f"warning: perspective '{name}' not run: {why}", file=sys.stderr)
     for name, (_, ld, _o) in loaded.items():
-        for s in ld.skipped:
-            print(f"warning: {name}: skipped {s}", file=sys.stderr)
+        if ld.skipped:
+            first = ld.skipped[0] if len(ld.skipped[0]) < 120 else ld.skipped[0][:117] + "..."
+            more = f" (+{len(ld.skipped) - 1} more; all listed under 'skipped' in scores.json)" if len(ld.skipped) > 1 else ""
+            print(f"warning: {name}: parts skipped for missing files: {first}{more}", file=sys.stderr)
 
     flat = [(name, it) for name, (_, ld, _o) in loaded.items() for it in ld.items]
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)

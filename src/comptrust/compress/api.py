@@ -15,15 +15,19 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import platform
 import resource
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from comptrust.compress import checks
 from comptrust.compress.calibration import load_calibration
@@ -120,7 +124,7 @@ def compress(
 
     say = progress or (lambda msg: None)
     out = Path(out).expanduser().absolute()
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     check_out(out)
     source = resolve(model_spec)
     tokenizer = _load_tokenizer(source.path)
@@ -130,13 +134,17 @@ def compress(
         calib = load_calibration(cfg.calibration, tokenizer, cfg.n_calib, cfg.seq_len, cfg.seed)
         say(f"calibration: {calib.n} samples, {calib.n_tokens} tokens from {calib.source}")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        record = _compress_into(tmp, source, tokenizer, cfg, calib, say)
-        record["wall_time_s"] = round(time.time() - t_start, 2)
-        record["peak_rss_bytes"] = _peak_rss_bytes()
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        _replace(tmp, out)
+        with _sigterm_as_exit():
+            record = _compress_into(tmp, source, tokenizer, cfg, calib, say)
+            record["wall_time_s"] = round(time.time() - t_start, 2)
+            record["cpu_time_s"] = round(time.process_time() - cpu_start, 2)
+            record["torch_threads"] = _torch_threads()
+            record["peak_rss_bytes"] = _peak_rss_bytes()
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            _replace(tmp, out)
     except ComptrustError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,6 +158,41 @@ def compress(
         first = (str(e).splitlines() or [""])[0][:300]
         raise RuntimeFailure(f"{cfg.method} failed on {source.name}: {type(e).__name__}: {first}") from e
     return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """A plain `kill` would skip the cleanup; turn SIGTERM into SystemExit so the temp dir is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temp dirs of runs that were killed outright (SIGKILL, power loss): their pid is gone."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit(".partial-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -173,6 +216,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     say(f"loading {source.name}")
     model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype="auto")
     model.eval()
+    dense_before = checks.dense_parts_digest(model)
     with torch.no_grad():
         ppl_before = checks.perplexity(model, tokenizer)
     say(f"perplexity before: {ppl_before['ppl']:.2f}; running {cfg.method}")
@@ -203,6 +247,11 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     reloaded.eval()
     checks.assert_finite(reloaded)
     measured: dict[str, Any] = {"sparsity": checks.sparsity(reloaded)}
+    dense_after = checks.dense_parts_digest(reloaded)
+    measured["embeddings_and_lm_head_unchanged"] = dense_after == dense_before
+    if dense_after != dense_before:
+        changed = [k for k in dense_before if dense_after.get(k) != dense_before[k]]
+        raise RuntimeFailure(f"{cfg.method} changed {' and '.join(changed)}, which must stay dense and untouched")
     if cfg.is_quantization:
         measured["levels"] = checks.levels(reloaded, info["group_size_by_layer"])
     elif cfg.nm is not None:

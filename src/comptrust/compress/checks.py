@@ -92,6 +92,17 @@ def nm_pattern(model: torch.nn.Module, n: int, m: int) -> dict[str, Any]:
     }
 
 
+def dense_parts_digest(model: torch.nn.Module) -> dict[str, str]:
+    """sha256 of the weights compression must leave alone: input embeddings and the output head."""
+    out: dict[str, str] = {}
+    for label, mod in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
+        w = getattr(mod, "weight", None)
+        if w is not None:
+            t = w.detach().contiguous().float().cpu()
+            out[label] = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    return out
+
+
 def _levels_per_group(w: torch.Tensor, group: int) -> torch.Tensor:
     """Distinct values in each group of `group` consecutive inputs of each row (vectorised: sort, count steps)."""
     g = w.reshape(-1, group).float()

@@ -20,37 +20,46 @@ from comptrust.errors import UsageError
 HELP = f"""Compress a model and prove the result is what it claims to be.
 
 [bold]Methods[/bold]
-  [cyan]gptq[/cyan]       weight quantization that corrects rounding error with calibration data (needs --bits)
-  [cyan]awq[/cyan]        activation-aware scaling, then quantization; slow on CPU (see --awq-grid)
-  [cyan]rtn[/cyan]        plain round-to-nearest quantization, no calibration data; the baseline for gptq/awq
-  [cyan]magnitude[/cyan]  pruning: zero the smallest weights, no calibration data
-  [cyan]sparsegpt[/cyan]  pruning that corrects the remaining weights with calibration data
-  [cyan]wanda[/cyan]      pruning by |weight| x input activation norm, calibration data, no weight update
+  [cyan]gptq[/cyan]       quantize, correcting rounding error with calibration data
+  [cyan]awq[/cyan]        activation-aware scaling, then quantize (slow on CPU: --awq-grid)
+  [cyan]rtn[/cyan]        round-to-nearest quantization, no data (baseline for gptq/awq)
+  [cyan]magnitude[/cyan]  prune the smallest weights, no data
+  [cyan]sparsegpt[/cyan]  prune and correct the remaining weights with calibration data
+  [cyan]wanda[/cyan]      prune by |weight| x input norm from calibration data
 
-Quantization takes --bits (2..8, default 4) and --group-size (default {DEFAULT_GROUP_SIZE}; a layer whose
-input width it does not divide uses the largest size dividing both, e.g. 576 -> 64; 0 = one scale per row).
-Pruning takes --sparsity (default 0.5) or --structure N:M (at most N nonzeros in every M consecutive
-weights: 2:4 and 4:8 are 50%). The output head (lm_head) always stays dense.
+[bold]Quantization[/bold] (gptq, awq, rtn): --bits 2..8 (default 4) and --group-size
+(default {DEFAULT_GROUP_SIZE}; 0 = one scale per row). Where a layer's input width is not a
+multiple of the group size, the largest size dividing both is used (576 -> 64)
+and recorded. gptq/rtn are symmetric, awq asymmetric.
 
-Calibration (gptq, awq, sparsegpt, wanda): by default {DEFAULT_N_CALIB} of comptrust's 152 built-in
-instruction/response conversations, rendered with the model's chat template and chosen by --seed.
+[bold]Pruning[/bold] (magnitude, sparsegpt, wanda): --sparsity in (0, 1) (default 0.5),
+or --structure N:M, i.e. at most N nonzeros per M consecutive weights of a row
+(2:4 and 4:8 are both 50%). Pruned models are saved dense.
 
-The output directory holds the checkpoint (compressed-tensors for quantized models, dense safetensors for
-pruned ones), the tokenizer and comptrust.json: settings, calibration, source fingerprint, time, peak
-memory, library versions and measured checks (sparsity, N:M validity, levels per group, perplexity
-before/after on a fixed held-out text, a sample generation). It is a valid --model for other commands.
+lm_head always stays dense.
+
+[bold]Calibration[/bold] (gptq, awq, sparsegpt, wanda): by default {DEFAULT_N_CALIB} of comptrust's 152
+built-in instruction/response conversations in the model's chat template,
+drawn with --seed. Same seed and settings: the same checkpoint.
+
+[bold]Output[/bold]: the checkpoint (compressed-tensors when quantized), the tokenizer
+and comptrust.json with the settings, calibration, source fingerprint, time,
+peak memory, library versions and measured checks: sparsity, N:M validity,
+distinct values per group (<= 2^bits), held-out perplexity before/after, and a
+sample generation. The directory is a valid --model for other commands.
 
 [bold]Examples[/bold]
   comptrust compress --method gptq --bits 4 --out models/gptq-w4
-  comptrust compress --method sparsegpt --structure 2:4 --out models/sgpt-24
-  comptrust compress --model my-model/ --method wanda --sparsity 0.5 --calibration chats.jsonl --seed 1 --out w50
+  comptrust compress --method sparsegpt --structure 2:4 --out models/sgpt-2of4
+  comptrust compress --model my-model/ --method wanda --sparsity 0.5 \\
+      --calibration chats.jsonl --seed 1 --out models/wanda-50
 """
 
 
 def compress_command(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must be new, or an earlier comptrust checkpoint, which is replaced)."),
     method: str = typer.Option(..., "--method", help=f"One of: {', '.join(METHODS)}."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to compress: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, a Hugging Face model directory, or a Hub id org/name[@revision]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to compress: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, a Hugging Face model directory, or a Hub id org/name\\[@revision]."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantization bits per weight, 2..8 (default 4). gptq/awq/rtn only."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help=f"Weights sharing one scale (default {DEFAULT_GROUP_SIZE}); 0 = per output row. gptq/awq/rtn only."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of zero weights, in (0, 1) (default 0.5). Pruning only."),

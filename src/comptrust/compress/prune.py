@@ -80,7 +80,11 @@ def prune(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: Calibration
 
         cls = SparseGPTModifier if cfg.method == "sparsegpt" else WandaPruningModifier
         mask = f"{nm[1] - nm[0]}:{nm[1]}" if nm else "0:0"
-        recipe = cls(sparsity=cfg.sparsity, mask_structure=mask, targets=["Linear"], ignore=["lm_head"])
+        # Target the decoder Linears by name: with targets=["Linear"], llm-compressor 0.14 names the head
+        # "lm_head." when matching `ignore`, so ignore=["lm_head"] misses it and the head (and, when tied,
+        # the input embeddings) get pruned too.
+        targets = sorted(decoder_linears(model))
+        recipe = cls(sparsity=cfg.sparsity, mask_structure=mask, targets=targets, ignore=["re:.*lm_head"])
         info["llmcompressor_mask_structure"] = mask
         info["recipe"] = run_oneshot(model, tokenizer, recipe, calib)
     else:  # pragma: no cover

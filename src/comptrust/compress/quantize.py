@@ -31,8 +31,8 @@ from comptrust.errors import RuntimeFailure
 
 
 def _quiet_llmcompressor() -> None:
-    # llm-compressor logs every module at INFO through loguru; read at its first import
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+    # llm-compressor logs every module at INFO (and METRIC, level 38) to stdout through loguru; read at import
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
 
 def group_size_for(width: int, requested: int) -> int:

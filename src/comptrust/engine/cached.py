@@ -7,6 +7,7 @@ at most one chunk, and a rerun generates only what was never committed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -34,7 +35,7 @@ class GenerationStats:
 
 
 class CachedEngine:
-    def __init__(self, engine: Engine, store: Store, chunk_size: int = 64):
+    def __init__(self, engine: Engine, store: Store, chunk_size: int = 128):
         self.engine = engine
         self.store = store
         self.chunk_size = chunk_size
@@ -62,8 +63,9 @@ class CachedEngine:
             on_start(len(misses))
         results: dict[str, Generation] = {k: Generation(tuple(o), tuple(t), cached=True) for k, (o, t) in hits.items()}
         if misses:
-            # longest first: the biggest batch fails fast if memory is short, and lengths inside a chunk are close
-            misses.sort(key=lambda i: -len(rendered[i]))
+            # grouped by decoding parameters (a batch can only share one setting), then longest first: the
+            # biggest batch fails fast if memory is short, and lengths inside a chunk are close
+            misses.sort(key=lambda i: (json.dumps(prompts[i].params.key(), sort_keys=True), -len(rendered[i])))
             t0 = time.time()
             for c in range(0, len(misses), self.chunk_size):
                 chunk = misses[c : c + self.chunk_size]

@@ -149,7 +149,8 @@ class AdvDemo(Perspective):
         cells = []
         cf = p["counterfactual"]
         for set_name, task in cf["sets"].items():
-            cells.append(("counterfactual", f"counterfactual/{set_name}", f"counterfactual/{set_name}", task, cf["seeds"]))
+            rel = f"counterfactual/{set_name}"
+            cells.append(("counterfactual", rel, rel, task, cf["seeds"]))
         sp = p["spurious"]
         for h in sp["heuristics"]:
             for b in sp["biases"]:
@@ -187,8 +188,8 @@ class AdvDemo(Perspective):
             folder = root / rel
             missing = [s for s in seeds if not (folder / f"{s}.jsonl").is_file()]
             if missing:
-                parent, _, leaf = rel.rpartition("/")
-                gaps[(part, parent, tuple(missing))].append(leaf)
+                parent = "spurious" if part == "spurious" else rel.rpartition("/")[0]
+                gaps[(part, parent, tuple(missing))].append(rel[len(parent) + 1:])
             for seed in seeds:
                 if seed in missing:
                     continue
@@ -201,7 +202,8 @@ class AdvDemo(Perspective):
                         notes.append(f"{path}: {n_yes} 'yes' of {len(recs)} (DecodingTrust expects balanced labels)")
                 chosen = subsample(recs, opts.limit, key=lambda lr: lr[1]["input"], seed=opts.seed)
                 for lineno, rec in chosen:
-                    prompt = classification_prompt(tasks[task_key], rec["input"], [tuple(e) for e in rec["examples"]], params)
+                    demos = [(e[0], e[1]) for e in rec["examples"]]
+                    prompt = classification_prompt(tasks[task_key], rec["input"], demos, params)
                     items.append(
                         Item(
                             id=f"{group}/{seed}:{lineno}",

@@ -203,7 +203,8 @@ class Ethics(Perspective):
             values[part] = metrics[f"acc_{key}"]
             refusals[part] = metrics[f"ref_{key}"]
         for part, key in (("jailbreak", "jb"), ("evasive", "ev")):
-            groups = sorted((g for g, m in mode_of.items() if m == part and counts[g][0]), key=lambda g: int(g.rsplit("_", 1)[1]))
+            groups = sorted((g for g, m in mode_of.items() if m == part and counts[g][0]),
+                            key=lambda g: int(g.rsplit("_", 1)[1]))
             if not groups:
                 continue
             fprs = {g: rate(counts[g][3], counts[g]) for g in groups}

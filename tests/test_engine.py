@@ -1,0 +1,87 @@
+"""The HF engine and the generation cache on the real embedded model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import pytest
+
+from comptrust.engine.cached import CachedEngine
+from comptrust.engine.hf import HFEngine
+from comptrust.models import resolve
+from comptrust.store import Store
+from comptrust.types import GenParams, Prompt
+
+pytestmark = pytest.mark.model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary colour.",
+    "Write one sentence about the sea, please, in a calm and friendly tone.",
+    "Is water wet? Answer yes or no.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine_fp32():
+    return HFEngine(resolve(None), dtype="float32", batch_size=8)
+
+
+def _greedy(q: str, n_tokens: int = 12) -> Prompt:
+    return Prompt.chat(("user", q), params=GenParams(max_new_tokens=n_tokens))
+
+
+def test_render_uses_chat_template(engine_fp32):
+    text = engine_fp32.render(Prompt.chat(("system", "SYS"), ("user", "HELLO"), params=GenParams(max_new_tokens=4)))
+    assert "<|im_start|>system\nSYS<|im_end|>" in text
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    raw = engine_fp32.render(Prompt(raw="Question: 1+1?\nAnswer:", params=GenParams(max_new_tokens=4)))
+    assert raw == "Question: 1+1?\nAnswer:"
+
+
+def test_batched_greedy_equals_one_by_one(engine_fp32):
+    prompts = [_greedy(q) for q in QUESTIONS]
+    batched = engine_fp32.generate(prompts)
+    single = [engine_fp32.generate([p])[0] for p in prompts]
+    assert [g.texts for g in batched] == [g.texts for g in single]
+    assert "Paris" in batched[0].texts[0]
+
+
+def test_stops_at_eos_per_sequence(engine_fp32):
+    g = engine_fp32.generate([_greedy("Reply with only the word: yes", 64), _greedy(QUESTIONS[2], 64)])
+    assert g[0].n_tokens[0] < 64  # the short answer ended at EOS
+    assert "<|im_end|>" not in g[0].texts[0]
+
+
+def test_sampling_n_and_seed(engine_fp32):
+    p = Prompt.chat(("user", "Say a random animal."), params=GenParams(max_new_tokens=8, temperature=1.0, n=4, seed=7))
+    a = engine_fp32.generate([p])[0]
+    b = engine_fp32.generate([p])[0]
+    assert len(a.texts) == 4 and a.texts == b.texts  # same seed, same batch -> same samples
+    assert len(set(a.texts)) > 1  # n samples differ from each other
+
+
+def test_cache_reuses_and_dedupes(engine_fp32, tmp_path):
+    calls = []
+    real = engine_fp32.generate
+
+    def counting(prompts, progress=None):
+        calls.append(len(prompts))
+        return real(prompts, progress)
+
+    engine_fp32.generate = counting  # type: ignore[method-assign]
+    try:
+        with Store(tmp_path / "c.sqlite") as store:
+            ce = CachedEngine(engine_fp32, store)
+            prompts = [_greedy(QUESTIONS[0], 6), _greedy(QUESTIONS[0], 6), _greedy(QUESTIONS[1], 6)]
+            first = ce.generate(prompts)
+            assert calls == [2]  # the duplicate was generated once
+            second = CachedEngine(engine_fp32, store).generate(prompts)
+            assert calls == [2]  # nothing new
+            assert [g.texts for g in first] == [g.texts for g in second]
+            assert all(g.cached for g in second)
+    finally:
+        del engine_fp32.generate
+
+
+def test_bf16_engine_fingerprint_differs(engine_fp32):
+    bf = HFEngine(resolve(None), dtype="bfloat16")
+    assert bf.fingerprint != engine_fp32.fingerprint
