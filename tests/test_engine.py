@@ -85,3 +85,26 @@ def test_cache_reuses_and_dedupes(engine_fp32, tmp_path):
 def test_bf16_engine_fingerprint_differs(engine_fp32):
     bf = HFEngine(resolve(None), dtype="bfloat16")
     assert bf.fingerprint != engine_fp32.fingerprint
+
+
+def test_compact_loop_matches_transformers_generate(engine_fp32):
+    """Our decode loop (finished rows leave the batch) gives exactly model.generate()'s greedy outputs."""
+    prompts = [_greedy(q, 24) for q in QUESTIONS] + [_greedy("Reply with only the word: yes", 24)]
+    ours = engine_fp32.generate(prompts)
+    engine_fp32.loop = "hf"
+    try:
+        ref = engine_fp32.generate(prompts)
+    finally:
+        engine_fp32.loop = "compact"
+    assert [g.texts for g in ours] == [g.texts for g in ref]
+    assert [g.n_tokens for g in ours] == [g.n_tokens for g in ref]
+
+
+def test_sampling_respects_top_p(engine_fp32):
+    # top_p tiny -> only the most likely token survives -> sampling equals greedy
+    q = "What is the capital of France?"
+    sampled = engine_fp32.generate(
+        [Prompt.chat(("user", q), params=GenParams(max_new_tokens=10, temperature=1.0, top_p=1e-6, n=2))]
+    )[0]
+    greedy = engine_fp32.generate([_greedy(q, 10)])[0]
+    assert sampled.texts == (greedy.texts[0], greedy.texts[0])

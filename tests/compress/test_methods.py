@@ -123,7 +123,7 @@ def test_gptq_beats_round_to_nearest_on_calibration_inputs(tiny, made):
 
     gptq, _ = made(tiny, method="gptq", bits=3)
     rtn, _ = made(tiny, method="rtn", bits=3)
-    calib = load_calibration(None, AutoTokenizer.from_pretrained(str(tiny)), seed=0, **{"n": 16, "seq_len": 64})
+    calib = load_calibration(None, AutoTokenizer.from_pretrained(str(tiny)), n=16, seq_len=64, seed=0)
     xs = _layer0_inputs(tiny, calib)
     dense = {n: m.weight for n, m in decoder_linears(load_model(tiny)).items()}
     wg = {n: m.weight for n, m in decoder_linears(load_model(gptq)).items()}

@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -234,10 +235,13 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     checks.assert_finite(model)
 
     say("saving")
-    if cfg.is_quantization:
-        model.save_pretrained(str(tmp), save_compressed=True)
-    else:
-        model.save_pretrained(str(tmp))
+    with warnings.catch_warnings():
+        # llm-compressor marks modules as offloaded to the CPU, which they already are
+        warnings.filterwarnings("ignore", message=".*offloaded modules.*", category=UserWarning)
+        if cfg.is_quantization:
+            model.save_pretrained(str(tmp), save_compressed=True)
+        else:
+            model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     del model
     gc.collect()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ def load_model(model_dir: Path, dtype: Any = "auto") -> Any:
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    with warnings.catch_warnings():
+        # "You passed `quantization_config` ... the model already has one": intended, we only add dequantize
+        warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
 
 
 def dense_copy(model_dir: Path, out: Path) -> None:
@@ -93,9 +97,14 @@ def evaluation_dir(model_dir: Path, fingerprint: str) -> Path:
         (tmp / EVALCOPY_MARKER).write_text(
             json.dumps({"source": str(model_dir.resolve()), "source_fingerprint": fingerprint}, indent=2)
         )
-        if dest.exists():  # a half-written copy from a killed run (no marker): replace it
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        if dest.exists() and not marker.is_file():  # left by a killed run: replace it
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not marker.is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same copy first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -79,6 +79,7 @@ class HFEngine:
         chat: bool | None = None,
         threads: int | None = None,
         attn: str | None = None,
+        loop: str = "compact",
     ):
         from transformers import AutoTokenizer
 
@@ -89,6 +90,10 @@ class HFEngine:
         self.token_budget = token_budget
         self.threads = threads
         self.attn = attn
+        if loop not in ("compact", "hf"):
+            raise UsageError(f"engine loop {loop!r}: expected compact or hf")
+        self.loop = loop
+        self.top_k: int | None = None
         quiet_transformers()
         self.load_seconds = 0.0
         try:
@@ -154,6 +159,7 @@ class HFEngine:
         if self.tok.eos_token_id is not None and self.tok.eos_token_id not in eos:
             eos.append(self.tok.eos_token_id)
         self.eos_ids = eos
+        self.top_k = gc.top_k if gc.top_k is not None else 50  # transformers' default, used by the reference
         self.load_seconds = time.time() - t0
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -196,6 +202,105 @@ class HFEngine:
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
+        if self.loop == "compact":
+            return self._generate_compact(seqs, params)
+        return self._generate_hf(seqs, params)
+
+    def _left_pad(self, seqs: list[list[int]]):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        return ids, mask
+
+    def _sampling_generator(self, params: GenParams, seqs: list[list[int]]):
+        import torch
+
+        digest = hashlib.sha256(repr((params.seed, seqs[0])).encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def _select(self, logits, params: GenParams, gen):
+        """Next tokens: argmax for greedy; else temperature, then top-k (the model's generation config, 50 by
+        default as in transformers and the reference harness), then top-p, then one multinomial draw."""
+        import torch
+
+        if params.greedy:
+            return logits.argmax(-1)
+        logits = logits.float() / params.temperature
+        k = min(self.top_k or logits.shape[-1], logits.shape[-1])
+        vals, idx = torch.topk(logits, k, dim=-1)
+        probs = torch.softmax(vals, dim=-1)
+        if params.top_p < 1.0:
+            cum = probs.cumsum(-1)
+            cut = (cum - probs) > params.top_p  # keep the smallest prefix whose mass reaches top_p
+            probs = probs.masked_fill(cut, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        choice = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return idx.gather(-1, choice[:, None]).squeeze(-1)
+
+    def _generate_compact(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
+        """Our own decode loop: rows that reach EOS leave the batch (their KV cache rows are dropped), so a
+        batch costs what its live rows cost; with model.generate() finished rows keep being computed until
+        the longest one ends."""
+        import torch
+        from transformers import DynamicCache
+
+        ids, mask = self._left_pad(seqs)
+        if params.n > 1:
+            ids = ids.repeat_interleave(params.n, 0)
+            mask = mask.repeat_interleave(params.n, 0)
+        rows = ids.shape[0]
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gen = None if params.greedy else self._sampling_generator(params, seqs)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        outs: list[list[int]] = [[] for _ in range(rows)]
+        alive = torch.arange(rows, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        try:
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1,
+                ).logits[:, -1, :]
+                last = pos[:, -1]
+                for step in range(params.max_new_tokens):
+                    nxt = self._select(logits, params, gen)
+                    done = torch.isin(nxt, eos)
+                    for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist()):
+                        if not d:
+                            outs[r].append(t)
+                    if step == params.max_new_tokens - 1 or bool(done.all()):
+                        break
+                    if bool(done.any()):
+                        keep = (~done).nonzero().squeeze(1)
+                        cache.batch_select_indices(keep)
+                        alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
+                    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                    last = last + 1
+                    logits = self.model(
+                        input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                        past_key_values=cache, use_cache=True,
+                    ).logits[:, -1, :]
+        except torch.OutOfMemoryError as e:  # type: ignore[attr-defined]
+            raise RuntimeFailure(f"out of memory generating a batch of {len(seqs)} x n={params.n}; lower --batch-size") from e
+        gens = []
+        for b in range(len(seqs)):
+            rows_b = outs[b * params.n : (b + 1) * params.n]
+            gens.append(
+                Generation(
+                    tuple(self.tok.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=False) for r in rows_b),
+                    tuple(len(r) for r in rows_b),
+                )
+            )
+        return gens
+
+    def _generate_hf(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
+        """transformers' own generate(): the reference for our loop (tests compare the two)."""
         import torch
 
         width = max(len(s) for s in seqs)
