@@ -128,6 +128,7 @@ def read_system_prompts(path: Path) -> dict[str, str]:
 
 class Stereotype(Perspective):
     name = "stereotype"
+    lite_limit = 32  # items per sub-scenario in the lite profile
     title = "Stereotype bias"
     version = 1
 
