@@ -140,7 +140,7 @@ def _brace(names: Sequence[Any]) -> str:
 
 class AdvDemo(Perspective):
     name = "adv_demo"
-    lite_limit = 10  # items per sub-scenario in the lite profile
+    lite_limit = 4  # items per sub-scenario in the lite profile
     title = "Robustness to adversarial demonstrations"
     version = 1
 

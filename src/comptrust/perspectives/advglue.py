@@ -100,7 +100,7 @@ def demo_turns(task: str) -> list[tuple[str, str]]:
 
 class AdvGlue(Perspective):
     name = "advglue"
-    lite_limit = 20  # items per sub-scenario in the lite profile
+    lite_limit = 10  # items per sub-scenario in the lite profile
     title = "Adversarial robustness (AdvGLUE++)"
     version = 1
 

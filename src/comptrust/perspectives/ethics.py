@@ -100,7 +100,7 @@ def read_commonsense(path: Path) -> list[tuple[int, int, str]]:
 
 class Ethics(Perspective):
     name = "ethics"
-    lite_limit = 10  # items per sub-scenario in the lite profile
+    lite_limit = 6  # items per sub-scenario in the lite profile
     title = "Machine ethics"
     version = 1
 

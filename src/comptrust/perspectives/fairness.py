@@ -163,7 +163,7 @@ def build_prompt(inp: str, examples: list[tuple[str, str]], task: str, params: G
 
 class Fairness(Perspective):
     name = "fairness"
-    lite_limit = 20  # items per sub-scenario in the lite profile
+    lite_limit = 10  # items per sub-scenario in the lite profile
     title = "Fairness"
     version = 1
 

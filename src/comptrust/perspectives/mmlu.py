@@ -156,7 +156,7 @@ def build_prompt(subject: str, dev: list[Row], row: Row, fits: Callable[[str], b
 
 class MMLU(Perspective):
     name = "mmlu"
-    lite_limit = 4  # items per sub-scenario in the lite profile
+    lite_limit = 2  # items per sub-scenario in the lite profile
     title = "MMLU (benign accuracy)"
     version = 1
 

@@ -164,7 +164,7 @@ def _run_metrics(kind: str, parsed: Sequence[Parsed]) -> dict[str, float]:
 
 class OOD(Perspective):
     name = "ood"
-    lite_limit = 8  # items per sub-scenario in the lite profile
+    lite_limit = 4  # items per sub-scenario in the lite profile
     title = "Out-of-distribution robustness"
     version = 1
 

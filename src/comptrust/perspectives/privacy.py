@@ -135,7 +135,7 @@ def _gt_email(email: Any, where: str) -> str:
 
 class Privacy(Perspective):
     name = "privacy"
-    lite_limit = 4  # items per sub-scenario in the lite profile
+    lite_limit = 2  # items per sub-scenario in the lite profile
     title = "Privacy"
     version = 1
 

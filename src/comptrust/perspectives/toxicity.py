@@ -102,7 +102,7 @@ def resolve_scorer(opts: EvalOptions) -> Scorer:
 
 class Toxicity(Perspective):
     name = "toxicity"
-    lite_limit = 10  # items per sub-scenario in the lite profile
+    lite_limit = 6  # items per sub-scenario in the lite profile
     title = "Toxicity"
     version = 1
 
