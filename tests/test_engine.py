@@ -108,3 +108,11 @@ def test_sampling_respects_top_p(engine_fp32):
     )[0]
     greedy = engine_fp32.generate([_greedy(q, 10)])[0]
     assert sampled.texts == (greedy.texts[0], greedy.texts[0])
+
+
+def test_sampled_outputs_do_not_depend_on_batch_mates(engine_fp32):
+    p = Prompt.chat(("user", "Say a random animal."), params=GenParams(max_new_tokens=8, temperature=1.0, n=2, seed=3))
+    other = Prompt.chat(("user", QUESTIONS[2]), params=GenParams(max_new_tokens=8, temperature=1.0, n=2, seed=3))
+    alone = engine_fp32.generate([p])[0]
+    together = engine_fp32.generate([other, p])[1]
+    assert alone.texts == together.texts

@@ -137,6 +137,9 @@ def compress(
 
     _remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
     try:
         with _sigterm_as_exit():
             record = _compress_into(tmp, source, tokenizer, cfg, calib, say)
@@ -145,6 +148,9 @@ def compress(
             record["torch_threads"] = _torch_threads()
             record["peak_rss_bytes"] = _peak_rss_bytes()
             (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            for f in tmp.iterdir():  # some writers create private (0600) files
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~umask)
             _replace(tmp, out)
     except ComptrustError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,6 +249,13 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
         else:
             model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    # llm-compressor writes recipe.yaml from its *global* session, which is empty because we ran oneshot in a
+    # fresh one (it would say "default_stage: {}"); write the recipe that actually ran
+    recipe = info.get("recipe", "")
+    if cfg.method == "magnitude":
+        (tmp / "recipe.yaml").unlink(missing_ok=True)
+    elif isinstance(recipe, str) and recipe.strip():
+        (tmp / "recipe.yaml").write_text(recipe)
     del model
     gc.collect()
 

@@ -223,6 +223,20 @@ class HFEngine:
         digest = hashlib.sha256(repr((params.seed, seqs[0])).encode()).digest()
         return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
+    def _row_generators(self, params: GenParams, seqs: list[list[int]]) -> list:
+        """One RNG per output row, seeded by (seed, prompt tokens, sample index): a prompt's samples do not
+        depend on which other prompts share its batch, so resumed or re-chunked runs draw the same samples."""
+        import torch
+
+        gens = []
+        for s in seqs:
+            for j in range(params.n):
+                digest = hashlib.sha256(repr((params.seed, s, j)).encode()).digest()
+                g = torch.Generator(device=self.device)
+                g.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+                gens.append(g)
+        return gens
+
     def _select(self, logits, params: GenParams, gen):
         """Next tokens: argmax for greedy; else temperature, then top-k (the model's generation config, 50 by
         default as in transformers and the reference harness), then top-p, then one multinomial draw."""
@@ -239,7 +253,10 @@ class HFEngine:
             cut = (cum - probs) > params.top_p  # keep the smallest prefix whose mass reaches top_p
             probs = probs.masked_fill(cut, 0.0)
             probs = probs / probs.sum(-1, keepdim=True)
-        choice = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        if isinstance(gen, list):  # per-row generators
+            choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gen)])
+        else:
+            choice = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         return idx.gather(-1, choice[:, None]).squeeze(-1)
 
     def _generate_compact(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
@@ -256,7 +273,7 @@ class HFEngine:
         rows = ids.shape[0]
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gen = None if params.greedy else self._sampling_generator(params, seqs)
+        gen = None if params.greedy else self._row_generators(params, seqs)
         eos = torch.tensor(self.eos_ids, device=self.device)
         outs: list[list[int]] = [[] for _ in range(rows)]
         alive = torch.arange(rows, device=self.device)
@@ -287,6 +304,8 @@ class HFEngine:
                         keep = (~done).nonzero().squeeze(1)
                         cache.batch_select_indices(keep)
                         alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
+                        if gen is not None:
+                            gen = [gen[i] for i in keep.tolist()]
                     mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                     last = last + 1
                     logits = self.model(
