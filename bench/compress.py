@@ -141,6 +141,19 @@ def table(args: argparse.Namespace) -> None:
             f"{_cell(gens[0], 50)} | {_cell(gens[1])} |"
         )
         print(rows[-1], flush=True)
+    if args.base:
+        from comptrust.compress.checks import perplexity
+        from comptrust.compress.evalcopy import load_model
+        from comptrust.models.resolve import resolve
+        from transformers import AutoTokenizer
+
+        src = resolve(None)
+        m = load_model(src.path)
+        ppl = perplexity(m, AutoTokenizer.from_pretrained(str(src.path)))["ppl"]
+        del m
+        gens = _generate(src.path)
+        rows.insert(0, f"| base: {src.name} | – | – | – | Q4_1 blocks of 32: ≤16 levels/32 weights | {ppl:.2f} | "
+                       f"{_cell(gens[0], 50)} | {_cell(gens[1])} |")
     header = (
         "| variant | wall s | CPU s | peak RSS GiB | measured | held-out ppl before → after | "
         f"reloaded: \"{PROMPTS[0]}\" | reloaded: \"{PROMPTS[1]}\" |\n|---|---|---|---|---|---|---|---|"
@@ -169,6 +182,7 @@ def main() -> None:
     t = sub.add_parser("table")
     t.add_argument("dirs", nargs="+")
     t.add_argument("--md", default=None)
+    t.add_argument("--base", action="store_true", help="add a row for the embedded source model")
     args = p.parse_args()
     if args.cmd == "table":
         table(args)

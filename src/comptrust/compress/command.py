@@ -68,7 +68,7 @@ def compress_command(
     n_calib: Optional[int] = typer.Option(None, "--n-calib", help=f"Calibration samples drawn (default {DEFAULT_N_CALIB}; all when the set is smaller)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Max tokens per calibration sample (default {DEFAULT_SEQ_LEN})."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling the calibration set; same seed, same checkpoint."),
-    awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help=f"AWQ grid points searched per layer group (default {DEFAULT_AWQ_GRID}; llm-compressor's own default is 20, about twice as slow). awq only."),
+    awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help=f"AWQ grid points searched per layer group (default {DEFAULT_AWQ_GRID}; llm-compressor's own default is 20, about 1.5x slower). awq only."),
 ) -> None:
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")

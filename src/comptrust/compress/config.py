@@ -25,8 +25,10 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_SPARSITY = 0.5
 DEFAULT_N_CALIB = 128
 DEFAULT_SEQ_LEN = 512
-# AWQ searches n_grid scale exponents per mapping; llm-compressor's default of 20 took 456 s for the 135M
-# model on a 2-core CPU. 10 halves that and is within ~1% perplexity in our measurements (bench/results).
+# AWQ searches n_grid scale exponents per mapping (llm-compressor's default: 20). On the 2-core CPU, for the
+# embedded 135M model at W4 with 128 calibration samples, grid 20 took 862 s and grid 10 559 s; held-out
+# perplexity 33.1 vs 35.0 (bench/results/compress_table.md). 10 is the affordable default; --awq-grid 20 for
+# the library's setting.
 DEFAULT_AWQ_GRID = 10
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
