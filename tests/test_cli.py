@@ -72,7 +72,7 @@ def test_evaluate_stereotype_end_to_end_and_rerun_generates_nothing(tmp_path):
         (("--model", "./nope/model"), "no such file or directory"),
         (("--model", "nobody/nothing-here"), "cannot get model 'nobody/nothing-here'"),
         (("--profile", "huge"), "--profile huge"),
-        (("--limit", "abc"), "abc"),
+        (("--limit", "abc"), "'--limit'"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):

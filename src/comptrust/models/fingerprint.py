@@ -14,7 +14,9 @@ from comptrust.paths import home
 
 # files that change what a model generates: weights, config, tokenizer + chat template, compression record
 _RELEVANT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".gguf")
-_IGNORED = {"comptrust-fingerprint.json"}
+# comptrust.json (compression record) holds wall times and timestamps: identical reruns must keep one fingerprint,
+# and the weights it describes are hashed anyway
+_IGNORED = {"comptrust-fingerprint.json", "comptrust.json"}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
