@@ -217,12 +217,6 @@ class HFEngine:
             mask[r, width - len(s) :] = 1
         return ids, mask
 
-    def _sampling_generator(self, params: GenParams, seqs: list[list[int]]):
-        import torch
-
-        digest = hashlib.sha256(repr((params.seed, seqs[0])).encode()).digest()
-        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
-
     def _row_generators(self, params: GenParams, seqs: list[list[int]]) -> list:
         """One RNG per output row, seeded by (seed, prompt tokens, sample index): a prompt's samples do not
         depend on which other prompts share its batch, so resumed or re-chunked runs draw the same samples."""
@@ -237,7 +231,7 @@ class HFEngine:
                 gens.append(g)
         return gens
 
-    def _select(self, logits, params: GenParams, gen):
+    def _select(self, logits, params: GenParams, gen: list | None):
         """Next tokens: argmax for greedy; else temperature, then top-k (the model's generation config, 50 by
         default as in transformers and the reference harness), then top-p, then one multinomial draw."""
         import torch
@@ -253,10 +247,7 @@ class HFEngine:
             cut = (cum - probs) > params.top_p  # keep the smallest prefix whose mass reaches top_p
             probs = probs.masked_fill(cut, 0.0)
             probs = probs / probs.sum(-1, keepdim=True)
-        if isinstance(gen, list):  # per-row generators
-            choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gen)])
-        else:
-            choice = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        choice = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gen)])  # one RNG per row
         return idx.gather(-1, choice[:, None]).squeeze(-1)
 
     def _generate_compact(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
@@ -329,13 +320,9 @@ class HFEngine:
         """transformers' own generate(): the reference for our loop (tests compare the two)."""
         import torch
 
-        width = max(len(s) for s in seqs)
+        ids, mask = self._left_pad(seqs)
+        width = ids.shape[1]
         pad = self.tok.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s) :] = 1
         kw: dict[str, Any] = dict(
             max_new_tokens=params.max_new_tokens,
             num_return_sequences=params.n,
