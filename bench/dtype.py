@@ -50,7 +50,7 @@ def main() -> None:
     f, b = res["float32"], res["bfloat16"]
     same_label = sum(x == y for x, y in zip(f[3], b[3])) / len(prompts)
     same_text = sum(x == y for x, y in zip(f[2], b[2])) / len(prompts)
-    print(f"\n| dtype | wall s | tokens/s |\n|---|---|---|")
+    print("\n| dtype | wall s | tokens/s |\n|---|---|---|")
     for k, (secs, ntok, _, _) in res.items():
         print(f"| {k} | {secs:.1f} | {ntok / secs:.1f} |")
     print(f"\nparsed stereotype label equal to fp32: {same_label:.0%}; identical text: {same_text:.0%}")

@@ -114,8 +114,8 @@ def main() -> None:
         print(f"  bs={bs}: {secs:.1f} s, {ntok} tokens", flush=True)
 
     print()
-    print(f"| setting | wall s | items/s | generated tokens | tokens/s |")
-    print(f"|---|---|---|---|---|")
+    print("| setting | wall s | items/s | generated tokens | tokens/s |")
+    print("|---|---|---|---|---|")
     for name, secs, ntok in rows:
         print(f"| {name} | {secs:.1f} | {len(prompts) / secs:.2f} | {ntok} | {ntok / secs:.1f} |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -4,6 +4,7 @@ suite, loading the real counterfactual/backdoor files, spurious files and malfor
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -98,6 +99,10 @@ PLAN = {
     "backdoor/sst-2_setup2_synbkd_cacc": ["GOLD", "GOLD"],
     "backdoor/sst-2_setup2_stylebkd_cacc": ["GOLD", "WRONG"],  # CACC 7/8 overall, not scored
 }
+SPURIOUS_HEURISTICS = ("PP", "adverb", "embedded_under_verb", "l_relative_clause", "passive", "s_relative_clause")
+SPURIOUS_PLAN = {f"spurious/{h}/entail-bias": ["GOLD", "GOLD"] for h in SPURIOUS_HEURISTICS}  # acc 1 each
+SPURIOUS_PLAN.update({f"spurious/{h}/non-entail-bias": ["GOLD", "WRONG"] for h in SPURIOUS_HEURISTICS})  # acc 1/2
+SPURIOUS_PLAN["spurious/passive/non-entail-bias"] = ["I cannot answer that.", "GOLD"]  # acc 1/2, rej 1/2
 
 
 def _output(item: Item, plan: str) -> str:
@@ -109,27 +114,45 @@ def _output(item: Item, plan: str) -> str:
     return plan
 
 
-def test_score_by_hand_on_mini():
+def _score_plan(data_dir, plan):
     p = AdvDemo()
-    opts = EvalOptions(data_dir=MINI)
+    opts = EvalOptions(data_dir=data_dir)
     loaded = p.load(opts)
-    assert Counter(it.group for it in loaded.items) == {g: len(v) for g, v in PLAN.items()}
+    assert Counter(it.group for it in loaded.items) == {g: len(v) for g, v in plan.items()}
     seen: Counter = Counter()
     records = []
     for it in loaded.items:
-        out = _output(it, PLAN[it.group][seen[it.group]])
+        out = _output(it, plan[it.group][seen[it.group]])
         seen[it.group] += 1
         records.append(Record(item=it, outputs=[out], parsed=[p.parse(it, out, opts)]))
-    s = p.score(records, opts, loaded)
-    # counterfactual = mean(1, 2/3, 1/3, 0, 1, 2/3) = (11/3)/6 = 11/18; its refusal = (1/3)/6 = 1/18
+    return p.score(records, opts, loaded)
+
+
+def test_score_by_hand_on_mini():
+    s = _score_plan(MINI, {**PLAN, **SPURIOUS_PLAN})
+    # counterfactual = mean(1, 2/3, 1/3, 0, 1, 2/3) = 11/18; its refusal = (1/3)/6 = 1/18
+    # spurious = mean(six 1s, six 1/2s) = 3/4; its refusal = (1/2)/12 = 1/24
     # backdoor: ASR = mean(1, 1/2, 0, 0) = 3/8 -> 1 - ASR = 5/8; its refusal = mean(0, 0, 0, 1/2) = 1/8
-    # spurious absent -> score = 100 * (11/18 + 5/8) / 2 = 100 * 89/144; refusal = 100 * (1/18 + 1/8) / 2 = 100 * 13/144
-    assert s.score == pytest.approx(100 * 89 / 144)
-    assert s.refusal_rate == pytest.approx(100 * 13 / 144)
-    assert s.subscores == pytest.approx({"counterfactual": 100 * 11 / 18, "backdoor": 100 * 5 / 8})
+    # score = 100 * (11/18 + 3/4 + 5/8) / 3 = 100 * 143/216; refusal = 100 * (1/18 + 1/24 + 1/8) / 3 = 100 * 2/27
+    assert s.score == pytest.approx(100 * 143 / 216)
+    assert s.refusal_rate == pytest.approx(100 * 2 / 27)
+    assert s.subscores == pytest.approx({"counterfactual": 100 * 11 / 18, "spurious": 75.0, "backdoor": 100 * 5 / 8})
     assert s.metrics["backdoor_avg_asr"] == pytest.approx(3 / 8)
     assert s.metrics["backdoor_avg_cacc"] == pytest.approx(7 / 8)  # mean(1, 1, 1, 1/2)
     assert s.metrics["accuracy_by_set"]["counterfactual/control_raising_cf"] == pytest.approx(1 / 3)
+    assert s.metrics["accuracy_by_set"]["spurious/passive/non-entail-bias"] == pytest.approx(1 / 2)
+    assert not s.skipped
+    assert s.n_items == 58 and s.n_generations == 58
+
+
+def test_score_by_hand_without_spurious(tmp_path):
+    data = tmp_path / "dt"
+    shutil.copytree(MINI / "adv_demonstration", data / "adv_demonstration", ignore=shutil.ignore_patterns("spurious"))
+    s = _score_plan(data, PLAN)
+    # spurious absent -> score = 100 * (11/18 + 5/8) / 2 = 100 * 89/144; refusal = 100 * (1/18 + 1/8) / 2
+    assert s.score == pytest.approx(100 * 89 / 144)
+    assert s.refusal_rate == pytest.approx(100 * 13 / 144)
+    assert s.subscores == pytest.approx({"counterfactual": 100 * 11 / 18, "backdoor": 100 * 5 / 8})
     assert any(x.startswith("spurious: missing") for x in s.skipped)
     assert any("spurious" in n for n in s.notes)
     assert s.n_items == 34 and s.n_generations == 34

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,44 @@ def test_parse_never_raises(text):
 # --------------------------------------------------------------------------------------------------- scoring
 
 
-def test_score_end_to_end_mini(mini_data):
+def test_score_mini_attack_files(mini_data):
     opts = EvalOptions(data_dir=mini_data)
+    loaded = AdvGlue().load(opts)
+    assert not loaded.skipped and not loaded.notes
+    files = ("alpaca", "vicuna", "stable-vicuna")
+    assert [it.group for it in loaded.items] == [f"{f}/{t}" for f in files for t in ("sst2", "qqp", "mnli") for _ in range(2)]
+    outputs = {  # (file, task) -> outputs for its two items; golds in the comments
+        ("alpaca", "sst2"): ["positive", "negative"],  # 1,0: acc 1
+        ("alpaca", "qqp"): ["yes", "yes"],  # 1,0: acc 1/2
+        ("alpaca", "mnli"): ["yes", "It is unclear"],  # 0,2: acc 1/2, RR+NE 1/2
+        ("vicuna", "sst2"): ["negative", "negative"],  # 1,0: acc 1/2
+        ("vicuna", "qqp"): ["no", "no"],  # 1,0: acc 1/2
+        ("vicuna", "mnli"): ["yes", "maybe"],  # 0,1: acc 1
+        ("stable-vicuna", "sst2"): ["I don't know", "negative"],  # 1,0: acc 1/2, RR+NE 1/2
+        ("stable-vicuna", "qqp"): ["yes", "no"],  # 1,0: acc 1
+        ("stable-vicuna", "mnli"): ["no", "no"],  # 0,2: acc 1/2
+    }
+    seen: dict = {}
+    recs = []
+    for it in loaded.items:
+        key = tuple(it.group.split("/"))
+        out = outputs[key][seen.setdefault(key, 0)]
+        seen[key] += 1
+        recs.append(Record(item=it, outputs=[out], parsed=[AdvGlue().parse(it, out, opts)]))
+    score = AdvGlue().score(recs, opts, loaded)
+    # nine (file x task) rows, unweighted: (1 + 1/2 + 1/2 + 1/2 + 1/2 + 1 + 1/2 + 1 + 1/2) / 9 = 2/3
+    assert score.score == pytest.approx(100 * 2 / 3)
+    assert score.refusal_rate == pytest.approx(100 * 1 / 9)  # (1/2 + 1/2) / 9
+    assert score.subscores["vicuna/mnli"] == pytest.approx(100.0)
+    assert score.subscores["alpaca/qqp"] == pytest.approx(50.0)
+
+
+def test_score_end_to_end_dev(tmp_path):
+    # only the AdvGLUE dev set present: it is scored instead, with a note
+    folder = tmp_path / "adv-glue-plus-plus/data"
+    folder.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "data/advglue_dev_small.json", folder / "advglue_dev.json")
+    opts = EvalOptions(data_dir=tmp_path)
     loaded = AdvGlue().load(opts)
     assert [it.group for it in loaded.items] == [f"advglue_dev/{t}" for t in ("sst2", "qqp", "mnli") for _ in range(6)]
     outputs = {
@@ -185,11 +222,11 @@ def test_limit_subsamples_per_task(dt_data):
     assert {it.group for it in a.items} == {"advglue_dev/sst2", "advglue_dev/qqp", "advglue_dev/mnli"}
 
 
-def test_dev_set_switch(tmp_path, mini_data):
+def test_dev_set_switch(tmp_path):
     root = tmp_path / "d"
     folder = root / "adv-glue-plus-plus/data"
     folder.mkdir(parents=True)
-    (folder / "advglue_dev.json").write_text((mini_data / "adv-glue-plus-plus/data/advglue_dev.json").read_text())
+    (folder / "advglue_dev.json").write_text((Path(__file__).parent / "data/advglue_dev_small.json").read_text())
     (folder / "alpaca.json").write_text(json.dumps({"sst2": [{"index": 0, "sentence": "ok", "label": 1}]}))
     # an attack file present: the dev set is not scored unless asked for
     assert {it.labels["data_file"] for it in AdvGlue().load(EvalOptions(data_dir=root)).items} == {"alpaca"}

@@ -277,10 +277,15 @@ def test_load_shared_quirks_and_limit(dt_data):
 def test_load_mini(mini_data):
     ld = F.load(opts(mini_data))
     groups = sorted({it.group for it in ld.items})
-    assert groups == ["few_shot/br0.5", "zero_shot/br0.0", "zero_shot/br0.5", "zero_shot/br1.0"]
-    assert len(ld.items) == 38 and ld.notes == []
-    # fully simulated run: a model that says yes to men only
-    recs = [Record(it, ["Yes" if it.labels["sensitive"] else "No"], []) for it in ld.items]
+    assert groups == [
+        "crime/br0.0", "crime/br0.5", "crime/br1.0", "fair_demo/16", "fair_demo/32",
+        "few_shot/br0.0", "few_shot/br0.5", "few_shot/br1.0", "zero_shot/br0.0", "zero_shot/br0.5", "zero_shot/br1.0",
+    ]
+    assert len(ld.items) == 66 and ld.notes == [] and ld.skipped == []
+    # fully simulated run: a model that gives the positive answer to the sensitive group only
+    # (Adult: "Yes" = income above $50k; crime: "high" crime rate)
+    yes_no = {"adult": ("No", "Yes"), "crime": ("low", "high")}
+    recs = [Record(it, [yes_no[it.labels["task"]][it.labels["sensitive"]]], []) for it in ld.items]
     recs = [Record(r.item, r.outputs, [F.parse(r.item, r.outputs[0])]) for r in recs]
     s = F.score(recs, opts(mini_data), ld)
     assert s.metrics["mean_dpd"] == 1.0 and s.score is not None and s.refusal_rate == 0.0

@@ -182,9 +182,7 @@ class HFEngine:
     def generate(
         self, prompts: Sequence[Prompt], progress: Callable[[int, int], None] | None = None
     ) -> list[Generation]:
-        import torch
-
-        model = self.model
+        self.model  # noqa: B018 -- load the weights (lazily) before the first batch: sets eos_ids and top_k
         texts = [self.render(p) for p in prompts]
         enc = [self.tok(t, add_special_tokens=p.raw is not None)["input_ids"] for t, p in zip(texts, prompts)]
         lengths = [len(e) for e in enc]

@@ -18,24 +18,28 @@ The do_classification prompt builder and answer clean-up live here and are reuse
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from comptrust.data_sources import mini_dir
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import (
     EvalOptions,
     Loaded,
     MissingData,
     Perspective,
+    classification_prompt,
+    do_classification,
     field_of,
     mean,
     protocol,
     read_jsonl,
     subsample,
 )
-from comptrust.types import GenParams, Item, Parsed, Prompt, Record, Score
+from comptrust.types import GenParams, Item, Parsed, Record, Score
 
 PARTS = ("counterfactual", "spurious", "backdoor")
 
@@ -49,36 +53,13 @@ def _proto() -> dict[str, Any]:
 # do_classification: prompt framing and answer clean-up (shared with machine ethics)
 
 
-def classification_prompt(
-    task: str, text: str, examples: Sequence[tuple[str, str]], params: GenParams
-) -> Prompt:
-    """The chat messages do_classification sends.
-
-    Zero-shot: a plain system prompt and one user turn "task\\ninput". Few-shot: the task alone in the first user
-    turn, a fixed acknowledgement, then one user/assistant pair per demonstration (label capitalised), then the
-    input.
-    """
-    dc = _proto()["do_classification"]
-    if not examples:
-        return Prompt.chat(("system", dc["zero_shot_system"]), ("user", f"{task}\n{text}"), params=params)
-    turns: list[tuple[str, str]] = [
-        ("system", dc["few_shot_system"]),
-        ("user", task),
-        ("assistant", dc["few_shot_ack"]),
-    ]
-    for ex_text, ex_label in examples:
-        turns += [("user", ex_text), ("assistant", ex_label.capitalize())]
-    turns.append(("user", text))
-    return Prompt.chat(*turns, params=params)
-
-
 def classification_answer(text: str) -> tuple[str, str]:
     """(full, short) forms of an answer, as do_classification compares them with the gold label.
 
     full: lower-cased, a leading "answer:" removed, cut at the first end-of-turn marker, stripped.
     short: full cut before the first ".", then ",", then newline, stripping after each cut.
     """
-    dc = _proto()["do_classification"]
+    dc = do_classification()
     full = str(text).lower()
     prefix = dc["answer_prefix"]
     if full.startswith(prefix):
@@ -144,9 +125,14 @@ class AdvDemo(Perspective):
     title = "Robustness to adversarial demonstrations"
     version = 1
 
-    def _cells(self) -> list[tuple[str, str, str, str, list[int]]]:
+    def _cells(self, builtin_mini: bool = False) -> list[tuple[str, str, str, str, list[int]]]:
         """(part, group, folder relative to adv_demonstration/, task key, seeds) for every protocol cell."""
-        p = _proto()["protocol"]
+        p = copy.deepcopy(_proto()["protocol"])
+        if builtin_mini:
+            m = p["mini"]
+            p["counterfactual"]["seeds"] = m["counterfactual_seeds"]
+            p["spurious"]["seeds"] = m["spurious_seeds"]
+            p["backdoor"]["setups"], p["backdoor"]["seeds"] = m["backdoor_setups"], m["backdoor_seeds"]
         cells = []
         cf = p["counterfactual"]
         for set_name, task in cf["sets"].items():
@@ -169,12 +155,12 @@ class AdvDemo(Perspective):
     def load(self, opts: EvalOptions) -> Loaded:
         root = opts.data_dir / "adv_demonstration"
         tasks = _proto()["tasks"]
-        dc = _proto()["do_classification"]
+        dc = do_classification()
         params = GenParams(max_new_tokens=dc["max_new_tokens"], temperature=dc["temperature"], n=1, seed=opts.seed)
         items: list[Item] = []
         skipped: list[str] = []
         notes: list[str] = []
-        cells = self._cells()
+        cells = self._cells(Path(opts.data_dir).resolve() == mini_dir().resolve())
         # spurious is absent from the public snapshot: one line for the whole folder rather than 12
         spurious_dir = root / "spurious"
         if not spurious_dir.is_dir():

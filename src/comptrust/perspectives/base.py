@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import yaml
 
 from comptrust.errors import UsageError
-from comptrust.types import Item, Parsed, Record, Score
+from comptrust.types import GenParams, Item, Parsed, Prompt, Record, Score
 
 PROFILES = ("mini", "lite", "full")
 
@@ -178,3 +179,30 @@ def subsample(items: Sequence[Any], limit: int | None, key: Callable[[Any], str]
 def mean(xs: Sequence[float]) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# do_classification: the chat framing shared by adversarial demonstrations, machine ethics and OOD
+
+
+@lru_cache(maxsize=1)
+def do_classification() -> dict[str, Any]:
+    """protocol/do_classification.yaml, read once (callers must not mutate it)."""
+    return protocol("do_classification")
+
+
+def classification_prompt(task: str, text: str, demos: Sequence[tuple[str, str]], params: GenParams) -> Prompt:
+    """The chat messages DecodingTrust's do_classification sends.
+
+    Zero-shot: a plain system prompt and one user turn "task\\ninput". Few-shot: the task alone in the first user
+    turn, a fixed acknowledgement, then one user/assistant pair per demonstration (label capitalised), then the
+    input.
+    """
+    dc = do_classification()
+    if not demos:
+        return Prompt.chat(("system", dc["zero_shot_system"]), ("user", f"{task}\n{text}"), params=params)
+    turns: list[tuple[str, str]] = [("system", dc["few_shot_system"]), ("user", task), ("assistant", dc["few_shot_ack"])]
+    for ex_text, ex_label in demos:
+        turns += [("user", ex_text), ("assistant", ex_label.capitalize())]
+    turns.append(("user", text))
+    return Prompt.chat(*turns, params=params)

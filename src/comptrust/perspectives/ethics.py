@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from comptrust.errors import UsageError
-from comptrust.perspectives.adv_demo import classification_prompt
 from comptrust.perspectives.base import (
     EvalOptions,
     Loaded,
     Perspective,
+    classification_prompt,
     mean,
     protocol,
     require_file,

@@ -30,6 +30,7 @@ from comptrust.perspectives.base import (
     Loaded,
     MissingData,
     Perspective,
+    classification_prompt,
     field_of,
     protocol,
     read_json,
@@ -131,18 +132,6 @@ def knowledge_input(q: dict[str, Any], idk: bool = False) -> str:
 def knowledge_demo(q: dict[str, Any]) -> tuple[str, str]:
     k = _proto()["knowledge"]
     return k["question_line"].format(question=q["question"]) + _choices_text(q["choices"], False), q["gold"]
-
-
-def classification_prompt(task: str, text: str, demos: Sequence[tuple[str, str]], params: GenParams) -> Prompt:
-    """do_classification's message list: zero-shot in one user turn, few-shot as an acknowledged chat of demos."""
-    c = _proto()["classification"]
-    if not demos:
-        return Prompt.chat(("system", c["zero_shot_system"]), ("user", f"{task}\n{text}"), params=params)
-    turns: list[tuple[str, str]] = [("system", c["few_shot_system"]), ("user", task), ("assistant", c["few_shot_ack"])]
-    for ex_text, ex_label in demos:
-        turns += [("user", ex_text), ("assistant", ex_label.capitalize())]
-    turns.append(("user", text))
-    return Prompt.chat(*turns, params=params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
