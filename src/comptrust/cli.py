@@ -176,7 +176,7 @@ def _register_plugins() -> None:
     """Commands that live next to their feature (compress, study, ...) register themselves here."""
     import importlib
 
-    for mod in ("comptrust.compress.command", "comptrust.toxicity_command"):
+    for mod in ("comptrust.compress.command", "comptrust.study.command", "comptrust.toxicity_command"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -214,7 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and stable exit codes (2 usage, 1 runtime, 130 interrupted)."""
     usage, abort, exit_, clicks = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False, prog_name="comptrust")
+        rv = app(args=argv, standalone_mode=False, prog_name="comptrust")
+        # typer turns KeyboardInterrupt into Exit(130) and, outside standalone mode, *returns* exit codes
+        if rv == 130:
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            sys.exit(rv)
     except ComptrustError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

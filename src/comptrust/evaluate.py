@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +37,7 @@ class EvalResult:
     stats: dict[str, Any]
     wall_seconds: float
     model: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, list[Record]] = field(default_factory=dict)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -137,8 +139,12 @@ def evaluate(
     out_dir: Path,
     progress: bool | None = None,
     write_files: bool = True,
+    store: Store | None = None,
 ) -> EvalResult:
-    """Run `names` on `engine` (an Engine); write scores.json / generations.jsonl into out_dir."""
+    """Run `names` on `engine` (an Engine); write scores.json / generations.jsonl into out_dir.
+
+    store: an open Store to use (a study shares one across models); default: out_dir/comptrust.sqlite.
+    """
     t0 = time.time()
     out_dir = check_out_dir(out_dir)
     loaded, not_run = load_perspectives(names, opts)
@@ -152,7 +158,7 @@ def evaluate(
 
     flat = [(name, it) for name, (_, ld, _o) in loaded.items() for it in ld.items]
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
-    with Store(out_dir / STORE_NAME) as store:
+    with nullcontext(store) if store is not None else Store(out_dir / STORE_NAME) as store:
         cached = CachedEngine(engine, store)
         try:
             gens = cached.generate(
@@ -168,7 +174,14 @@ def evaluate(
             records[name].append(Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts]))
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
-            sc = p.score(records[name], popts, ld)
+            try:
+                sc = p.score(records[name], popts, ld)
+            except UsageError:
+                raise
+            except Exception as e:  # one perspective's scoring failure must not discard the others' results
+                not_run[name] = f"scoring failed: {type(e).__name__}: {e}"
+                print(f"warning: perspective '{name}' not scored: {not_run[name]}", file=sys.stderr)
+                continue
             sc.skipped = sorted(set(sc.skipped) | set(ld.skipped))
             d = sc.to_dict()
             d["model_fingerprint"] = engine.fingerprint
@@ -178,7 +191,7 @@ def evaluate(
             store.put_score(engine.fingerprint, name, popts.public(), d)
     stats = cached.stats.as_dict()
     stats["engine_load_seconds"] = round(getattr(engine, "load_seconds", 0.0), 2)
-    result = EvalResult(out_dir, scores, not_run, stats, time.time() - t0, model_info)
+    result = EvalResult(out_dir, scores, not_run, stats, time.time() - t0, model_info, records)
     if write_files:
         write_outputs(result, records, opts)
     return result

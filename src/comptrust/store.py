@@ -40,6 +40,15 @@ CREATE TABLE IF NOT EXISTS scores (
     score TEXT NOT NULL,        -- JSON of comptrust.types.Score
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS units (
+    id TEXT PRIMARY KEY,        -- e.g. "compress:gptq-w4@s0", "eval:gptq-w4@s0:ethics"
+    kind TEXT NOT NULL,         -- compress | eval
+    status TEXT NOT NULL,       -- done | failed
+    result TEXT NOT NULL,       -- JSON: the unit's result (score, records, checkpoint record) or {}
+    error TEXT,                 -- one line, for failed units
+    seconds REAL NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kv (
     ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (ns, key)
@@ -128,6 +137,28 @@ class Store:
         for m, p, o, s in self.db.execute(q, args):
             latest[(m, p, o)] = {"model": m, "perspective": p, "options": json.loads(o), "score": json.loads(s)}
         return list(latest.values())
+
+    # -- study units: one row per finished (done or failed) unit of work, written in one transaction -------------
+    def put_unit(
+        self, unit_id: str, kind: str, status: str, result: dict[str, Any], seconds: float, error: str | None = None
+    ) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO units(id, kind, status, result, error, seconds, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (unit_id, kind, status, json.dumps(result, ensure_ascii=False, default=str), error, seconds, time.time()),
+            )
+
+    def units(self, with_results: bool = True) -> dict[str, dict[str, Any]]:
+        """unit id -> {kind, status, error, seconds, result?}."""
+        cols = "id, kind, status, error, seconds" + (", result" if with_results else "")
+        out: dict[str, dict[str, Any]] = {}
+        for row in self.db.execute(f"SELECT {cols} FROM units ORDER BY created"):
+            d = {"kind": row[1], "status": row[2], "error": row[3], "seconds": row[4]}
+            if with_results:
+                d["result"] = json.loads(row[5])
+            out[row[0]] = d
+        return out
 
     # -- small caches (e.g. toxicity score per (scorer, text)) -------------------------------------------------
     def kv_get_many(self, ns: str, keys: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""`comptrust study` and `comptrust report`. Errors are raised; cli.main() prints them as one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from comptrust.errors import UsageError
+
+STUDY_HELP = """Compress a model several ways, evaluate every variant, and compare them with the dense model.
+
+With no STUDY file: the embedded model; variants dense, gptq 8/4/3-bit, awq 4-bit,
+magnitude / sparsegpt / wanda 2:4; all nine perspectives on the built-in mini suites
+(about 45 minutes on a 2-core CPU, most of it AWQ and the evaluations).
+
+[bold]Resumable[/bold]: each unit (compress a variant; evaluate a variant on a perspective) is
+committed to DIR/comptrust.sqlite when it finishes. Interrupt at any time and rerun the
+same command: done units are skipped, failed ones retried. A unit that fails is recorded
+with its error and the study goes on.
+
+[bold]Output[/bold] in DIR: report.html (one file: recommendation, score table, delta heatmap
+with significance, radar per variant, score vs bits / sparsity, refusal rates,
+breakdowns, provenance), results.csv (one row per variant), results.json, models/
+(the compressed checkpoints).
+
+[bold]Examples[/bold]
+  comptrust study --out runs/study                 # the default study
+  comptrust study --init study.yaml                # write a commented example, then edit it
+  comptrust study study.yaml --out runs/my-study
+  comptrust study --status runs/my-study           # done / pending / failed units
+  comptrust report runs/my-study                   # rebuild the report from the store
+"""
+
+
+def study_command(
+    spec_file: Optional[Path] = typer.Argument(None, metavar="[STUDY.yaml]", help="The study to run; omit for the default study."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (created; rerun with the same one to resume)."),
+    init: bool = typer.Option(False, "--init", help="Write a commented example study to STUDY.yaml (default study.yaml) and exit."),
+    status: Optional[Path] = typer.Option(None, "--status", help="Print the units of the study in this directory (done / pending / failed) and exit."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
+) -> None:
+    from comptrust.study.spec import example_yaml, load_spec
+
+    if init:
+        target = spec_file or Path("study.yaml")
+        if target.exists():
+            raise UsageError(f"{target} already exists; choose another name or remove it")
+        try:
+            target.write_text(example_yaml(), encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot write {target}: {e.strerror}") from None
+        typer.echo(f"wrote {target}; edit it, then: comptrust study {target} --out runs/my-study")
+        return
+    if status is not None:
+        _print_status(status)
+        return
+    if out is None:
+        raise UsageError("--out DIR is required: the study directory to write (or resume)")
+    spec = load_spec(spec_file)
+    from comptrust.study.runner import run_study
+
+    analysis = run_study(spec, out, progress=progress)
+    _print_summary(out, analysis)
+
+
+def _print_status(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from comptrust.evaluate import STORE_NAME
+    from comptrust.store import Store
+    from comptrust.study.runner import Plan, load_study
+
+    spec = load_study(out)
+    if not (out / STORE_NAME).is_file():
+        raise UsageError(f"{out} has no {STORE_NAME}: the study never ran there")
+    with Store(out / STORE_NAME) as store:
+        rows = Plan.of(spec).status(store.units())
+    t = Table(title=f"study units in {out}")
+    for col in ("unit", "status", "seconds", "error"):
+        t.add_column(col)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        t.add_row(r["unit"], r["status"], "" if r["seconds"] is None else f"{r['seconds']:.1f}", r["error"] or "")
+    c = Console()
+    c.print(t)
+    c.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def _print_summary(out: Path, analysis: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from comptrust.report import COLUMN_ORDER
+
+    variants = analysis["variants"]
+    persp = [p for p in COLUMN_ORDER if any(p in v["perspectives"] for v in variants.values())]
+    t = Table(title="study results (mean over seeds; delta vs dense)")
+    t.add_column("variant")
+    for p in persp:
+        t.add_column(p, justify="right")
+    for name, v in variants.items():
+        cells = []
+        for p in persp:
+            c = v["perspectives"].get(p, {})
+            if c.get("mean") is None:
+                cells.append("failed" if c.get("errors") else "-")
+            elif name == analysis["dense"]:
+                cells.append(f"{c['mean']:.1f}")
+            else:
+                cells.append(f"{c['mean']:.1f} ({c.get('delta', 0):+.1f}{'*' if c.get('significant') else ''})")
+        t.add_row(name, *cells)
+    c = Console()
+    c.print(t)
+    c.print(analysis["recommendation"]["text"])
+    c.print(f"report: {out / 'report.html'}  ·  {out / 'results.csv'}")
+
+
+def report_command(out: Path = typer.Argument(..., metavar="DIR", help="A study directory.")) -> None:
+    """Rebuild report.html, results.csv and results.json of a study from its store."""
+    from comptrust.report import write_report
+
+    analysis = write_report(out)
+    _print_summary(out, analysis)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("study", help=STUDY_HELP)(study_command)
+    app.command("report")(report_command)

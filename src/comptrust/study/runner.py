@@ -1,0 +1,298 @@
+"""Run a study as units of work, each committed to the store when it finishes, so that a rerun resumes.
+
+Units:
+  compress:<variant>@s<seed>        make the checkpoint (api.compress writes it in a temp dir, then renames)
+  eval:<instance>:<perspective>     evaluate one model on one perspective (instance = dense | <variant>@s<seed>)
+
+A unit is *done* only once its row is in the ``units`` table; generations are cached per chunk underneath, so a
+run killed mid-evaluation regenerates nothing that was committed. A failing unit is recorded with its error and
+the study goes on; a rerun retries failed and pending units and skips done ones. Every unit stores the
+fingerprint of what produced it, and a unit whose settings changed since is redone rather than reused.
+
+All of a model's pending perspectives are generated in one engine call (one model load, full batches), then
+recorded one unit per perspective.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from comptrust import perspectives as registry
+from comptrust.errors import ComptrustError, UsageError
+from comptrust.evaluate import STORE_NAME, check_out_dir, write_atomic
+from comptrust.perspectives.base import EvalOptions
+from comptrust.store import Store
+from comptrust.study.spec import DENSE, StudySpec, Variant, parse_spec
+from comptrust.types import Record
+
+SPEC_NAME = "study.json"
+
+
+def compress_unit(instance: str) -> str:
+    return f"compress:{instance}"
+
+
+def eval_unit(instance: str, perspective: str) -> str:
+    return f"eval:{instance}:{perspective}"
+
+
+def eval_options(spec: StudySpec) -> EvalOptions:
+    from comptrust.data_sources import dt_dir, mini_dir
+    from comptrust.data_sources import mmlu_dir as find_mmlu
+
+    root = mini_dir() if spec.suite == "mini" else dt_dir(spec.data_dir)
+    opts = EvalOptions(
+        data_dir=root,
+        profile=spec.resolved_profile,
+        limit=spec.limit,
+        seed=spec.seed,
+        mmlu_dir=find_mmlu(spec.mmlu_dir, root),
+    )
+    if spec.toxicity_scorer:
+        opts.extra["toxicity_scorer"] = spec.toxicity_scorer
+    return opts
+
+
+def eval_fingerprint(spec: StudySpec, variant: Variant, seed: int | None, perspective: str) -> str:
+    body = {
+        "model": spec.model,
+        "variant": None if variant.is_dense else variant.fingerprint(seed or 0),
+        "suite": spec.suite,
+        "data_dir": spec.data_dir,
+        "mmlu_dir": spec.mmlu_dir,
+        "profile": spec.resolved_profile,
+        "limit": spec.limit,
+        "seed": spec.seed,
+        "toxicity_scorer": spec.toxicity_scorer,
+        "perspective": perspective,
+        "perspective_version": getattr(registry.get(perspective), "version", 1),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """Every unit of the study in execution order, with what a done unit must have been made from."""
+
+    spec: StudySpec
+    # (unit id, kind, variant, seed or None, perspective or None, expected fingerprint)
+    units: list[tuple[str, str, Variant, int | None, str | None, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> "Plan":
+        plan = cls(spec)
+        for v in spec.variants:
+            for seed in [None] if v.is_dense else list(v.seeds):
+                inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
+                if not v.is_dense:
+                    plan.units.append((compress_unit(inst), "compress", v, seed, None, v.fingerprint(seed)))
+                for p in spec.perspectives:
+                    fp = eval_fingerprint(spec, v, seed, p)
+                    plan.units.append((eval_unit(inst, p), "eval", v, seed, p, fp))
+        return plan
+
+    def status(self, stored: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per unit: done | failed | pending | stale (done with other settings) | blocked."""
+        rows = []
+        failed_compress: set[str] = set()
+        for uid, kind, v, seed, p, fp in self.units:
+            u = stored.get(uid)
+            inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
+            if u is None:
+                st = "blocked" if kind == "eval" and inst in failed_compress else "pending"
+            elif u["status"] == "done" and u["result"].get("fingerprint") != fp:
+                st = "stale"
+            else:
+                st = u["status"]
+            if kind == "compress" and st == "failed":
+                failed_compress.add(inst)
+            rows.append(
+                {"unit": uid, "kind": kind, "variant": v.name, "instance": inst, "perspective": p, "status": st,
+                 "seconds": u["seconds"] if u else None, "error": u["error"] if u else None}
+            )
+        return rows
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if isinstance(e, ComptrustError) else f"{type(e).__name__}: {msg}"
+
+
+def _compact(records: list[Record]) -> list[dict[str, Any]]:
+    return [
+        {"id": r.item.id, "o": r.outputs, "p": [[x.label, x.refused, x.correct, x.value] for x in r.parsed]}
+        for r in records
+    ]
+
+
+class _Say:
+    """Study progress lines with an overall ETA from the measured time per unit kind."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.t0 = total, done, time.time()
+        self.spent: dict[str, list[float]] = {"compress": [], "eval": []}
+        self.left: dict[str, int] = {"compress": 0, "eval": 0}
+
+    def __call__(self, msg: str) -> None:
+        print(f"[study] {msg}", file=sys.stderr, flush=True)
+
+    def finished(self, kind: str, n: int, seconds: float) -> None:
+        self.done += n
+        self.left[kind] -= n
+        self.spent[kind].append(seconds / max(n, 1))
+        eta = sum(
+            self.left[k] * (sum(v) / len(v)) for k, v in self.spent.items() if v and self.left[k] > 0
+        )
+        unknown = any(self.left[k] > 0 and not v for k, v in self.spent.items())
+        self(
+            f"{self.done}/{self.total} units done, elapsed {time.time() - self.t0:.0f} s, "
+            f"ETA {'?' if unknown else f'{eta:.0f} s'}"
+        )
+
+
+def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
+              on_unit: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study into out_dir, then write the report. Returns the analysis."""
+    from comptrust.report import write_report
+
+    out_dir = check_out_dir(Path(out_dir))
+    _check_same_study(spec, out_dir)
+    write_atomic(out_dir / SPEC_NAME, json.dumps(spec.to_dict(), indent=2))
+    opts = eval_options(spec)
+    plan = Plan.of(spec)
+    with Store(out_dir / STORE_NAME) as store:
+        rows = plan.status(store.units())
+        todo = [r for r in rows if r["status"] != "done"]
+        say = _Say(len(rows), len(rows) - len(todo))
+        for r in todo:
+            say.left[r["kind"]] += 1
+        say(f"{len(rows)} units ({len(rows) - len(todo)} done, {len(todo)} to run) in {out_dir}")
+        for v in spec.variants:
+            for seed in [None] if v.is_dense else list(v.seeds):
+                _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
+    return write_report(out_dir)
+
+
+def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
+    """A directory holds one study's model and data; a different model there would mix results."""
+    old_path = out_dir / SPEC_NAME
+    if not old_path.is_file():
+        return
+    try:
+        old = json.loads(old_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    for key in ("model", "suite", "data_dir"):
+        if old.get(key) != getattr(spec, key):
+            raise UsageError(
+                f"--out {out_dir} holds a study with {key}={old.get(key)!r}, not {getattr(spec, key)!r}; "
+                "use a new output directory"
+            )
+
+
+def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, store: Store, opts: EvalOptions,
+                  out_dir: Path, say: _Say, progress: bool | None, on_unit: Callable[[str], None] | None) -> None:
+    inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
+    status = {r["unit"]: r["status"] for r in plan.status(store.units())}
+    model_ref: str | None = spec.model
+    if not v.is_dense:
+        ckpt = out_dir / "models" / inst
+        uid = compress_unit(inst)
+        if status[uid] != "done" or not ckpt.is_dir():
+            if on_unit:
+                on_unit(uid)
+            say(f"compress {inst} ({v.config(seed or 0).label()}, seed {seed})")
+            t0 = time.time()
+            try:
+                record = _compress(spec, v, seed or 0, ckpt)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # recorded; the study goes on with the other variants
+                store.put_unit(uid, "compress", "failed", {"fingerprint": v.fingerprint(seed or 0)}, time.time() - t0,
+                               _one_line(e))
+                say(f"FAILED compress {inst}: {_one_line(e)}")
+                say.finished("compress", 1, time.time() - t0)
+                say.left["eval"] -= sum(1 for p in spec.perspectives if status[eval_unit(inst, p)] != "done")
+                return
+            store.put_unit(uid, "compress", "done", {"fingerprint": v.fingerprint(seed or 0), "record": record},
+                           time.time() - t0)
+            say.finished("compress", 1, time.time() - t0)
+        model_ref = str(ckpt)
+    pending = [p for p in spec.perspectives if status[eval_unit(inst, p)] != "done"]
+    if not pending:
+        return
+    for p in pending:
+        if on_unit:
+            on_unit(eval_unit(inst, p))
+    say(f"evaluate {inst} on {', '.join(pending)}")
+    t0 = time.time()
+    try:
+        result = _evaluate(spec, model_ref, pending, opts, out_dir, store, inst, progress)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        if not isinstance(e, ComptrustError):
+            traceback.print_exc(file=sys.stderr)
+        for p in pending:
+            store.put_unit(eval_unit(inst, p), "eval", "failed",
+                           {"fingerprint": eval_fingerprint(spec, v, seed, p)}, time.time() - t0, _one_line(e))
+        say(f"FAILED evaluate {inst}: {_one_line(e)}")
+        say.finished("eval", len(pending), time.time() - t0)
+        return
+    secs = time.time() - t0
+    for p in pending:
+        fp = eval_fingerprint(spec, v, seed, p)
+        if p in result.scores:
+            res = {"fingerprint": fp, "score": result.scores[p], "records": _compact(result.records[p]),
+                   "model": result.model, "generation": result.stats}
+            store.put_unit(eval_unit(inst, p), "eval", "done", res, secs / len(pending))
+        else:
+            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, secs / len(pending),
+                           result.not_run.get(p, "not run"))
+    say.finished("eval", len(pending), secs)
+
+
+def _compress(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, Any]:
+    from comptrust.compress.api import RECORD_NAME, compress, is_comptrust_checkpoint
+
+    cfg = v.config(seed)
+    if is_comptrust_checkpoint(ckpt):  # made by a run killed before it could record the unit
+        rec = json.loads((ckpt / RECORD_NAME).read_text())
+        if rec.get("config") == cfg.model_dump():
+            return rec
+    compress(spec.model, cfg, ckpt, progress=lambda msg: print(f"[compress] {msg}", file=sys.stderr, flush=True))
+    return json.loads((ckpt / RECORD_NAME).read_text())
+
+
+def _evaluate(spec: StudySpec, model_ref: str | None, names: list[str], opts: EvalOptions, out_dir: Path,
+              store: Store, inst: str, progress: bool | None) -> Any:
+    from comptrust.engine.hf import HFEngine
+    from comptrust.evaluate import evaluate
+    from comptrust.models import resolve
+
+    resolved = resolve(model_ref)
+    engine = HFEngine(resolved, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size)
+    info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}
+    try:
+        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False,
+                        store=store)
+    finally:
+        del engine
+        gc.collect()
+
+
+def load_study(out_dir: Path) -> StudySpec:
+    path = Path(out_dir) / SPEC_NAME
+    if not path.is_file():
+        raise UsageError(f"{out_dir} is not a study directory (no {SPEC_NAME}); run comptrust study --out {out_dir}")
+    data = json.loads(path.read_text())
+    keep = {k: v for k, v in data.items() if k != "source"}
+    return parse_spec(keep, str(path))

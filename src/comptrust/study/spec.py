@@ -1,0 +1,340 @@
+"""A study: one model x variants (dense + compressions, each over calibration seeds) x perspectives x profile.
+
+Read from YAML with errors that name the file and line (``study.yaml:12: unknown key 'bitz' in variants[3];
+valid: ...``), validated completely before any work starts: a typo must not surface two hours in. Every
+compression setting goes through :class:`comptrust.compress.config.CompressionConfig`, the same validation
+as ``comptrust compress``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comptrust import perspectives as registry
+from comptrust.compress.config import METHODS, CompressionConfig
+from comptrust.errors import UsageError
+from comptrust.perspectives.base import PROFILES
+
+TOP_KEYS = {
+    "model": "model to study: omit for the embedded SmolLM2-135M-Instruct; a .gguf, HF dir or Hub id",
+    "suite": "mini (built-in suites) or dt (DecodingTrust data in data_dir)",
+    "data_dir": "DecodingTrust data folder (or hf:AI-Secure/DecodingTrust) for suite dt",
+    "mmlu_dir": "MMLU folder (data/dev, data/test CSVs); default: beside data_dir or the built-in mini MMLU",
+    "profile": "mini | lite | full (default: mini for suite mini, lite for dt)",
+    "limit": "items per sub-scenario (overrides the profile)",
+    "perspectives": "'all' or a list of perspective names",
+    "variants": "list of variants: 'dense' or {method, bits, ...}",
+    "budget": "points a perspective may drop below dense and still count as kept (default 5)",
+    "alpha": "significance level of the paired test (default 0.05)",
+    "bootstrap": "bootstrap resamples for CIs and the paired test (default 1000)",
+    "seed": "evaluation seed: subsampling and sampling (default 0)",
+    "device": "auto | cpu | cuda",
+    "dtype": "auto | bfloat16 | float16 | float32",
+    "batch_size": "generation batch size (default 32)",
+    "toxicity_scorer": "toxicity scorer name (default: the offline one)",
+}
+VARIANT_KEYS = {
+    "name": "label in the report (default: built from the settings, e.g. gptq-w4)",
+    "method": f"dense or one of {', '.join(METHODS)}",
+    "bits": "quantization bits, 2..8",
+    "group_size": "weights per quantization scale (default 128; 0 = per row)",
+    "sparsity": "pruning: fraction of zero weights in (0, 1)",
+    "structure": "pruning: unstructured or N:M (2:4, 4:8)",
+    "calibration": "calibration data (default: the built-in set)",
+    "n_calib": "calibration samples",
+    "seq_len": "max tokens per calibration sample",
+    "awq_grid": "AWQ grid points",
+    "seeds": "calibration seeds, e.g. [0, 1, 2] (default [0])",
+}
+DEFAULT_VARIANTS: list[Any] = [
+    "dense",
+    {"method": "gptq", "bits": 8},
+    {"method": "gptq", "bits": 4},
+    {"method": "gptq", "bits": 3},
+    {"method": "awq", "bits": 4},
+    {"method": "magnitude", "structure": "2:4"},
+    {"method": "sparsegpt", "structure": "2:4"},
+    {"method": "wanda", "structure": "2:4"},
+]
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the study: dense, or a compression config evaluated once per calibration seed."""
+
+    name: str
+    method: str  # "dense" or a compression method
+    settings: dict[str, Any] = field(default_factory=dict)  # CompressionConfig fields (without seed)
+    seeds: tuple[int, ...] = (0,)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == DENSE
+
+    def config(self, seed: int) -> CompressionConfig:
+        return CompressionConfig.build(method=self.method, seed=seed, **self.settings)
+
+    def instances(self) -> list[str]:
+        """Keys of the variant's evaluated models: 'dense', or 'gptq-w4@s0', 'gptq-w4@s1', ..."""
+        return [DENSE] if self.is_dense else [f"{self.name}@s{s}" for s in self.seeds]
+
+    def bits(self) -> float:
+        """Nominal bits per weight, for ordering by compression: 16 for dense, b for quantization,
+        16 x (1 - sparsity) for pruning (what a sparse format could save, not what a dense save does)."""
+        if self.is_dense:
+            return 16.0
+        cfg = self.config(self.seeds[0])
+        if cfg.is_quantization:
+            return float(cfg.bits or 16)
+        return 16.0 * (1 - (cfg.sparsity or 0.0))
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "method": self.method, "seeds": list(self.seeds)}
+        if not self.is_dense:
+            cfg = self.config(self.seeds[0])
+            d.update(bits=cfg.bits, group_size=cfg.group_size, sparsity=cfg.sparsity, structure=cfg.structure)
+        d["bits_per_weight"] = self.bits()
+        return d
+
+    def fingerprint(self, seed: int) -> str:
+        """Changes whenever a setting that changes the checkpoint changes: a stored unit with another
+        fingerprint is stale and redone."""
+        body = json.dumps({"method": self.method, "settings": self.settings, "seed": seed}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StudySpec:
+    model: str | None = None
+    suite: str = "mini"
+    data_dir: str | None = None
+    mmlu_dir: str | None = None
+    profile: str | None = None
+    limit: int | None = None
+    perspectives: list[str] = field(default_factory=lambda: list(registry.REGISTRY))
+    variants: list[Variant] = field(default_factory=list)
+    budget: float = 5.0
+    alpha: float = 0.05
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 32
+    toxicity_scorer: str | None = None
+    source: str = "<default>"
+
+    @property
+    def resolved_profile(self) -> str:
+        return self.profile or ("mini" if self.suite == "mini" else "lite")
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["variants"] = [
+            {"name": v.name, "method": v.method, **v.settings, **({} if v.is_dense else {"seeds": list(v.seeds)})}
+            for v in self.variants
+        ]
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+class _Lines:
+    """Line numbers of the YAML nodes, by path (("variants", 2, "bits") -> 14)."""
+
+    def __init__(self, text: str):
+        self.map: dict[tuple, int] = {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            node = None
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: tuple) -> None:
+        self.map[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                self.map[path + (key, "<key>")] = k.start_mark.line + 1
+                self._walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._walk(v, path + (i,))
+
+    def at(self, *path: Any) -> int | None:
+        while path:
+            if path in self.map:
+                return self.map[path]
+            path = path[:-1]
+        return self.map.get(())
+
+
+def _unknown(key: str, valid: dict[str, str], where: str) -> str:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"unknown key '{key}' in {where}{did}; valid: {', '.join(valid)}"
+
+
+def parse_spec(data: Any, source: str = "<default>", text: str | None = None) -> StudySpec:
+    lines = _Lines(text) if text is not None else None
+
+    def fail(msg: str, *path: Any) -> UsageError:
+        line = lines.at(*path) if lines else None
+        return UsageError(f"{source}:{line}: {msg}" if line else f"{source}: {msg}")
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise fail(f"a study is a mapping of keys ({', '.join(TOP_KEYS)}), not {type(data).__name__}")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise fail(_unknown(str(k), TOP_KEYS, "the study"), k, "<key>")
+    spec = StudySpec(source=source)
+
+    def typed(key: str, kinds: tuple[type, ...], what: str) -> Any:
+        val = data.get(key)
+        if val is not None and (not isinstance(val, kinds) or isinstance(val, bool) and bool not in kinds):
+            raise fail(f"{key}: expected {what}, got {val!r}", key)
+        return val
+
+    spec.model = typed("model", (str,), "a model path or Hub id")
+    spec.suite = typed("suite", (str,), "mini or dt") or "mini"
+    if spec.suite not in ("mini", "dt"):
+        raise fail(f"suite: {spec.suite!r}; expected mini or dt", "suite")
+    spec.data_dir = typed("data_dir", (str,), "a folder")
+    if spec.suite == "dt" and not spec.data_dir:
+        raise fail("suite dt needs data_dir (a DecodingTrust data folder or hf:AI-Secure/DecodingTrust)", "suite")
+    spec.mmlu_dir = typed("mmlu_dir", (str,), "a folder")
+    spec.profile = typed("profile", (str,), " | ".join(PROFILES))
+    if spec.profile is not None and spec.profile not in PROFILES:
+        raise fail(f"profile: {spec.profile!r}; expected one of {', '.join(PROFILES)}", "profile")
+    spec.limit = typed("limit", (int,), "a positive integer")
+    if spec.limit is not None and spec.limit <= 0:
+        raise fail(f"limit: {spec.limit}; must be a positive number of items", "limit")
+    for key, lo, hi in (("budget", 0, 100), ("alpha", 0, 1)):
+        val = typed(key, (int, float), "a number")
+        if val is not None:
+            if not lo < val < hi:
+                raise fail(f"{key}: {val} is outside ({lo}, {hi})", key)
+            setattr(spec, key, float(val))
+    for key, lo in (("bootstrap", 0), ("seed", 0), ("batch_size", 1)):
+        val = typed(key, (int,), "an integer")
+        if val is not None:
+            if val < lo:
+                raise fail(f"{key}: {val}; must be >= {lo}", key)
+            setattr(spec, key, val)
+    spec.device = typed("device", (str,), "auto, cpu or cuda") or "auto"
+    spec.dtype = typed("dtype", (str,), "auto, bfloat16, float16 or float32") or "auto"
+    spec.toxicity_scorer = typed("toxicity_scorer", (str,), "a scorer name")
+
+    persp = data.get("perspectives", "all")
+    if isinstance(persp, str):
+        persp = [p.strip() for p in persp.split(",")] if persp.strip() != "all" else list(registry.REGISTRY)
+    if not isinstance(persp, list) or not persp:
+        raise fail("perspectives: expected 'all' or a non-empty list of names", "perspectives")
+    for i, name in enumerate(persp):
+        if name not in registry.REGISTRY:
+            hint = difflib.get_close_matches(str(name), registry.REGISTRY, n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise fail(f"unknown perspective '{name}'{did}; known: {', '.join(registry.REGISTRY)}", "perspectives", i)
+    spec.perspectives = list(dict.fromkeys(persp))
+
+    raw_variants = data.get("variants", DEFAULT_VARIANTS)
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise fail("variants: expected a non-empty list ('dense', {method: gptq, bits: 4}, ...)", "variants")
+    seen: dict[str, int] = {}
+    for i, rv in enumerate(raw_variants):
+        v = _variant(rv, i, fail)
+        if v.name in seen:
+            raise fail(f"variants[{i}]: the name '{v.name}' is used twice (also variants[{seen[v.name]}]); "
+                       "give one a 'name'", "variants", i)
+        seen[v.name] = i
+        spec.variants.append(v)
+    if not any(v.is_dense for v in spec.variants):
+        spec.variants.insert(0, Variant(DENSE, DENSE))  # deltas need the dense baseline
+    spec.variants.sort(key=lambda v: not v.is_dense)  # dense first: compressed variants are compared with it
+    return spec
+
+
+def _variant(rv: Any, i: int, fail: Any) -> Variant:
+    where = f"variants[{i}]"
+    if isinstance(rv, str):
+        rv = {"method": rv}
+    if not isinstance(rv, dict):
+        raise fail(f"{where}: expected 'dense' or a mapping like {{method: gptq, bits: 4}}, got {rv!r}", "variants", i)
+    for k in rv:
+        if k not in VARIANT_KEYS:
+            raise fail(_unknown(str(k), VARIANT_KEYS, where), "variants", i, k, "<key>")
+    method = rv.get("method")
+    if method == DENSE:
+        extra = [k for k in rv if k not in ("method", "name")]
+        if extra:
+            raise fail(f"{where}: dense takes no compression settings (got {', '.join(extra)})", "variants", i)
+        return Variant(str(rv.get("name") or DENSE), DENSE)
+    if method not in METHODS:
+        hint = difflib.get_close_matches(str(method), (DENSE, *METHODS), n=1)
+        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise fail(f"{where}: unknown method {method!r}{did}; valid: {DENSE}, {', '.join(METHODS)}", "variants", i, "method")
+    seeds = rv.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise fail(f"{where}: seeds: expected a list of non-negative integers, got {seeds!r}", "variants", i, "seeds")
+    settings = {k: v for k, v in rv.items() if k not in ("name", "method", "seeds")}
+    try:
+        cfg = CompressionConfig.build(method=method, seed=seeds[0], **settings)
+    except UsageError as e:
+        bad = next((k for k in settings if k.replace("_", "-") in str(e)), "method")
+        raise fail(f"{where}: {e}".replace("--", ""), "variants", i, bad) from None
+    name = rv.get("name") or _auto_name(cfg)
+    return Variant(str(name), method, settings, tuple(dict.fromkeys(seeds)))
+
+
+def _auto_name(cfg: CompressionConfig) -> str:
+    if cfg.is_quantization:
+        g = "" if cfg.group_size == 128 else ("-ch" if cfg.group_size == 0 else f"-g{cfg.group_size}")
+        return f"{cfg.method}-w{cfg.bits}{g}"
+    if cfg.nm:
+        return f"{cfg.method}-{cfg.nm[0]}of{cfg.nm[1]}"
+    return f"{cfg.method}-{round(100 * (cfg.sparsity or 0))}pct"
+
+
+def load_spec(path: Path | None) -> StudySpec:
+    """The study in `path`, or the default study when path is None."""
+    if path is None:
+        return parse_spec({}, "<default study>")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"study file {path} does not exist (comptrust study --init {path} writes an example)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the study file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}{line}: malformed YAML: {problem}") from None
+    return parse_spec(data, str(path), text)
+
+
+EXAMPLE_PATH = Path(__file__).parent / "example.yaml"
+
+
+def example_yaml() -> str:
+    return EXAMPLE_PATH.read_text(encoding="utf-8")

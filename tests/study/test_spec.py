@@ -1,0 +1,120 @@
+"""Study files: the default study, the example, and one-line errors that name the line for every bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comptrust.errors import UsageError
+from comptrust.study.spec import DEFAULT_VARIANTS, example_yaml, load_spec, parse_spec
+
+
+def _load(tmp_path: Path, text: str):
+    f = tmp_path / "study.yaml"
+    f.write_text(text)
+    return load_spec(f)
+
+
+def _err(tmp_path: Path, text: str) -> str:
+    with pytest.raises(UsageError) as e:
+        _load(tmp_path, text)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_default_study_matches_the_issue():
+    spec = load_spec(None)
+    assert [v.name for v in spec.variants] == [
+        "dense", "gptq-w8", "gptq-w4", "gptq-w3", "awq-w4", "magnitude-2of4", "sparsegpt-2of4", "wanda-2of4"
+    ]
+    assert len(spec.variants) == len(DEFAULT_VARIANTS)
+    assert spec.perspectives == ["toxicity", "stereotype", "advglue", "ood", "adv_demo", "privacy", "ethics",
+                                 "fairness", "mmlu"]
+    assert (spec.suite, spec.resolved_profile, spec.budget) == ("mini", "mini", 5.0)
+    assert [v.bits() for v in spec.variants] == [16, 8, 4, 3, 4, 8, 8, 8]
+
+
+def test_example_parses_and_dense_comes_first(tmp_path):
+    spec = _load(tmp_path, example_yaml())
+    assert spec.variants[0].name == "dense"
+    assert spec.variant("gptq-w4").seeds == (0, 1, 2)
+    assert spec.variant("gptq-w4").instances() == ["gptq-w4@s0", "gptq-w4@s1", "gptq-w4@s2"]
+    # dense is added when missing, and put first when listed later
+    s = _load(tmp_path, "variants:\n  - {method: rtn, bits: 4}\n")
+    assert [v.name for v in s.variants] == ["dense", "rtn-w4"]
+    s = _load(tmp_path, "variants:\n  - {method: wanda, sparsity: 0.5}\n  - dense\n")
+    assert [v.name for v in s.variants] == ["dense", "wanda-50pct"]
+
+
+def test_round_trip_through_to_dict():
+    spec = load_spec(None)
+    again = parse_spec({k: v for k, v in spec.to_dict().items() if k != "source"})
+    assert again.to_dict() | {"source": ""} == spec.to_dict() | {"source": ""}
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    msg = _err(tmp_path, "suite: mini\nvariants:\n  - dense\n  - {method: gptq, bits: 4\nbudget: 5\n")
+    assert msg.startswith(f"{tmp_path / 'study.yaml'}:") and "malformed YAML" in msg
+    line = int(msg.split(":")[1])
+    assert line in (4, 5)
+
+
+def test_unknown_keys_list_the_valid_ones_with_line(tmp_path):
+    msg = _err(tmp_path, "suite: mini\nbudgte: 3\n")
+    assert ":2: unknown key 'budgte' in the study (did you mean 'budget'?); valid: model, suite," in msg
+    msg = _err(tmp_path, "variants:\n  - dense\n  - method: gptq\n    bitz: 4\n")
+    assert ":4: unknown key 'bitz' in variants[1] (did you mean 'bits'?)" in msg and "group_size" in msg
+
+
+def test_unknown_method_and_perspective(tmp_path):
+    msg = _err(tmp_path, "variants:\n  - dense\n  - {method: gptqq, bits: 4}\n")
+    assert ":3: variants[1]: unknown method 'gptqq' (did you mean 'gptq'?); valid: dense, gptq, awq" in msg
+    msg = _err(tmp_path, "perspectives: [ethics, toxcity]\n")
+    assert ":1: unknown perspective 'toxcity' (did you mean 'toxicity'?); known: toxicity, stereotype" in msg
+
+
+def test_bad_values_name_the_setting_and_line(tmp_path):
+    msg = _err(tmp_path, "variants:\n  - dense\n  - method: gptq\n    bits: 12\n")
+    assert ":4: variants[1]: bits 12 is outside 2..8" in msg
+    msg = _err(tmp_path, "variants:\n  - {method: magnitude, structure: '4:4'}\n")
+    assert "variants[0]" in msg and "1 <= N < M" in msg
+    assert ":3: budget: 0 is outside (0, 100)" in _err(tmp_path, "suite: mini\nperspectives: all\nbudget: 0\n")
+    assert "suite dt needs data_dir" in _err(tmp_path, "suite: dt\n")
+    assert "seeds: expected a list of non-negative integers" in _err(
+        tmp_path, "variants:\n  - {method: gptq, seeds: [0, -1]}\n")
+    assert "is used twice" in _err(tmp_path, "variants:\n  - {method: rtn}\n  - {method: rtn, seeds: [1]}\n")
+    assert "dense takes no compression settings" in _err(tmp_path, "variants:\n  - {method: dense, bits: 4}\n")
+    assert "a study is a mapping" in _err(tmp_path, "- dense\n")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist .*--init"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comptrust", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_init_and_errors(tmp_path):
+    p = _cli("study", "--init", "my.yaml", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "my.yaml").read_text() == example_yaml()
+    p = _cli("study", "--init", "my.yaml", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: my.yaml already exists; choose another name or remove it"
+    (tmp_path / "bad.yaml").write_text("variants:\n  - {method: prune}\n")
+    p = _cli("study", "bad.yaml", "--out", "o", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: bad.yaml:2: variants[0]: unknown method 'prune'")
+    assert not (tmp_path / "o").exists()  # validated before anything is created
+    p = _cli("study", "--status", "nowhere", cwd=tmp_path)
+    assert p.returncode == 2 and "is not a study directory" in p.stderr
+    p = _cli("report", "nowhere", cwd=tmp_path)
+    assert p.returncode == 2 and "is not a study directory" in p.stderr
+    p = _cli("study", "--help", cwd=tmp_path)
+    assert p.returncode == 0 and "--init" in p.stdout and "Resumable" in p.stdout
