@@ -16,8 +16,8 @@ from comptrust.evaluate import STORE_NAME, options_for
 from comptrust.report import write_report
 from comptrust import perspectives as registry
 from comptrust.store import Store
-from comptrust.study.analysis import _p_value, recommend
-from comptrust.study.runner import SPEC_NAME, Plan, _compact, compress_unit, eval_fingerprint, eval_options, eval_unit
+from comptrust.study.analysis import _p_value
+from comptrust.study.runner import SPEC_NAME, Plan, _compact, compress_unit, eval_options, eval_unit
 from comptrust.study.spec import parse_spec
 from comptrust.types import Record
 
