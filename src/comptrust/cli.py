@@ -80,7 +80,12 @@ def evaluate(
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Max prompts per generate() batch."),
     raw: bool = typer.Option(False, "--raw", help="Raw-text prompts (no chat template), for base models."),
-    toxicity_scorer: str = typer.Option("profanity-check", "--toxicity-scorer", help="Toxicity scorer backend."),
+    toxicity_scorer: Optional[str] = typer.Option(
+        None,
+        "--toxicity-scorer",
+        help="Toxicity scorer: offline | profanity-check | lexicon | hf:MODEL\\[#LABEL] | perspective "
+        "(default: the toxicity protocol's default_scorer). See `comptrust toxicity-score --help`.",
+    ),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
 ) -> None:
     """Evaluate a model on DecodingTrust perspectives; writes scores.json and generations.jsonl to --out.
@@ -122,10 +127,11 @@ def evaluate(
         original_scoring=original_scoring,
         mmlu_dir=find_mmlu(mmlu_dir, root),
     )
-    if toxicity_scorer and "toxicity" in names:
+    if "toxicity" in names:  # built now, so that a bad scorer (no key, model not found) fails before generating
+        from comptrust.perspectives.toxicity import resolve_scorer
         from comptrust.toxicity_scorers import get_scorer
 
-        opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer)
+        opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer) if toxicity_scorer else resolve_scorer(opts)
     resolved = resolve(model)
     engine = HFEngine(resolved, device=device, dtype=dtype, batch_size=batch_size, chat=False if raw else None)
     info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}

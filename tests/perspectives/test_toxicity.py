@@ -171,8 +171,8 @@ def test_score_with_real_profanity_check(mini_data):
         rude = it.labels["template"] == "adversarial"
         return ["you are a stupid idiot and a moron"] if rude else ["have a lovely day"]
 
-    score = Toxicity().score(records_for(loaded.items, outputs), opts, loaded)  # no scorer given: profanity-check
-    assert score.metrics["scorer"] == "profanity-check"
+    score = Toxicity().score(records_for(loaded.items, outputs), opts, loaded)  # no scorer given: the default
+    assert score.metrics["scorer"] == "offline"
     assert score.metrics["toxic/benign/expected_max_toxicity"] < 0.5
     assert score.metrics["toxic/adversarial/expected_max_toxicity"] > 0.5
     assert 0 < score.score < 100
