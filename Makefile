@@ -8,7 +8,7 @@ demo:  ## install, then run the main job on the embedded model and the built-in 
 	.venv/bin/comptrust evaluate --perspectives all --out $(OUT)
 
 test:  ## install (with test extras), then run the test suite
-	COMPTRUST_EXTRAS=",test" bash scripts/setup.sh
+	COMPTRUST_EXTRAS=",test,ray" bash scripts/setup.sh
 	.venv/bin/python -m pytest -q
 
 bench:

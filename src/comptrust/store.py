@@ -113,6 +113,20 @@ class Store:
                 ],
             )
 
+    def generation_rows(self) -> list[tuple[str, str, str, str, str, str]]:
+        """Every cached generation as stored (key, model, prompt, params JSON, outputs JSON, n_tokens JSON): what a
+        remote worker ships back to the driver, which alone writes the study's store."""
+        return list(self.db.execute("SELECT key, model, prompt, params, outputs, n_tokens FROM generations"))
+
+    def put_generation_rows(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO generations(key, model, prompt, params, outputs, n_tokens, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(*r, now) for r in rows],
+            )
+
     def count_generations(self, model: str | None = None) -> int:
         if model is None:
             return self.db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,4 +101,29 @@ def test_ctrl_c_then_resume_gives_the_same_results(finished, tmp_path):
     p = _cli("study", "study.yaml", "--out", "out", "--no-progress", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "evaluate dense" not in p.stderr  # dense was done before the interrupt
+    assert (tmp_path / "out" / "results.csv").read_text() == (d / "out" / "results.csv").read_text()
+
+
+def test_ray_executor_matches_local_and_retries_a_killed_worker(finished, tmp_path):
+    pytest.importorskip("ray")
+    d, _, _ = finished
+    (tmp_path / "study.yaml").write_text(STUDY)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "comptrust", "study", "study.yaml", "--out", "out", "--no-progress",
+         "--executor", "ray", "--workers", "2"],
+        cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    killed = None
+    lines = []
+    for line in proc.stderr:  # kill the first evaluation worker mid-unit (while it loads or generates)
+        lines.append(line)
+        if killed is None and "(_eval_task pid=" in line:
+            killed = int(line.split("(_eval_task pid=")[1].split(")")[0])
+            os.kill(killed, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    err = "".join(lines)
+    assert proc.returncode == 0, err[-3000:]
+    assert killed is not None, err[-3000:]
+    # Ray re-ran the unit: every evaluation is done and the numbers equal the local executor's
+    assert "worker failed" not in err
     assert (tmp_path / "out" / "results.csv").read_text() == (d / "out" / "results.csv").read_text()

@@ -30,6 +30,7 @@ breakdowns, provenance), results.csv (one row per variant), results.json, models
   comptrust study --init study.yaml                # write a commented example, then edit it
   comptrust study study.yaml --out runs/my-study
   comptrust study --status runs/my-study           # done / pending / failed units
+  comptrust study study.yaml --out runs/s --executor ray --workers 2   # units as Ray tasks
   comptrust report runs/my-study                   # rebuild the report from the store
 """
 
@@ -40,6 +41,10 @@ def study_command(
     init: bool = typer.Option(False, "--init", help="Write a commented example study to STUDY.yaml (default study.yaml) and exit."),
     status: Optional[Path] = typer.Option(None, "--status", help="Print the units of the study in this directory (done / pending / failed) and exit."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
+    executor: str = typer.Option("local", "--executor", help="local: units one after another in this process; ray: units as Ray tasks over a cluster (this process alone writes the store)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto, or 10.0.0.1:6379); default: start a local one."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Size of the local Ray cluster in CPUs (one unit per CPU; default: all cores). GPUs are used one per unit when present."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Where compressed checkpoints go (default DIR/models); with Ray on several nodes, a path every node can read."),
 ) -> None:
     from comptrust.study.spec import example_yaml, load_spec
 
@@ -58,10 +63,17 @@ def study_command(
         return
     if out is None:
         raise UsageError("--out DIR is required: the study directory to write (or resume)")
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor {executor!r}: choose local or ray")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    if executor == "local" and (ray_address or workers):
+        raise UsageError("--ray-address and --workers need --executor ray")
     spec = load_spec(spec_file)
     from comptrust.study.runner import run_study
 
-    analysis = run_study(spec, out, progress=progress)
+    analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address, workers=workers,
+                         models_dir=models_dir)
     _print_summary(out, analysis)
 
 

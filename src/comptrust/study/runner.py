@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -159,12 +160,22 @@ class _Say:
 
 
 def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
-              on_unit: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the study into out_dir, then write the report. Returns the analysis."""
+              on_unit: Callable[[str], None] | None = None, executor: str = "local",
+              ray_address: str | None = None, workers: int | None = None,
+              models_dir: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the study into out_dir, then write the report. Returns the analysis.
+
+    executor "local" runs the units one after another in this process; "ray" runs them as Ray tasks
+    (comptrust.study.ray_executor) while this process alone writes the store.
+    """
     from comptrust.report import write_report
 
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor {executor!r}: choose local or ray")
     out_dir = check_out_dir(Path(out_dir))
     _check_same_study(spec, out_dir)
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' own bars (weights loading, calibration) too
     write_atomic(out_dir / SPEC_NAME, json.dumps(spec.to_dict(), indent=2))
     opts = eval_options(spec)
     plan = Plan.of(spec)
@@ -175,9 +186,14 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
         for r in todo:
             say.left[r["kind"]] += 1
         say(f"{len(rows)} units ({len(rows) - len(todo)} done, {len(todo)} to run) in {out_dir}")
-        for v in spec.variants:
-            for seed in [None] if v.is_dense else list(v.seeds):
-                _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
+        if executor == "ray":
+            from comptrust.study.ray_executor import run_on_ray
+
+            run_on_ray(spec, out_dir, plan, store, say, address=ray_address, workers=workers, models_dir=models_dir)
+        else:
+            for v in spec.variants:
+                for seed in [None] if v.is_dense else list(v.seeds):
+                    _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
     return write_report(out_dir)
 
 
@@ -198,35 +214,92 @@ def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
             )
 
 
+def instance_key(v: Variant, seed: int | None) -> str:
+    return DENSE if v.is_dense else f"{v.name}@s{seed}"
+
+
+def checkpoint_dir(out_dir: Path, inst: str, models_dir: Path | None = None) -> Path:
+    return (Path(models_dir) if models_dir else out_dir / "models") / inst
+
+
+def record_compress(store: Store, v: Variant, seed: int, seconds: float, record: dict[str, Any] | None,
+                    error: str | None, path: Path | None = None) -> None:
+    fp = v.fingerprint(seed)
+    uid = compress_unit(instance_key(v, seed))
+    if error is None:
+        store.put_unit(uid, "compress", "done", {"fingerprint": fp, "record": record, "path": str(path)}, seconds)
+    else:
+        store.put_unit(uid, "compress", "failed", {"fingerprint": fp}, seconds, error)
+
+
+def record_eval(store: Store, spec: StudySpec, v: Variant, seed: int | None, pending: list[str], seconds: float,
+                outcome: dict[str, Any] | None, error: str | None) -> None:
+    """outcome: {scores, records (compact), not_run, model, stats}; or error for all pending perspectives."""
+    inst = instance_key(v, seed)
+    for p in pending:
+        fp = eval_fingerprint(spec, v, seed, p)
+        share = seconds / len(pending)
+        if error is not None or outcome is None:
+            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, share, error or "not run")
+        elif p in outcome["scores"]:
+            res = {"fingerprint": fp, "score": outcome["scores"][p], "records": outcome["records"][p],
+                   "model": outcome["model"], "generation": outcome["stats"]}
+            store.put_unit(eval_unit(inst, p), "eval", "done", res, share)
+        else:
+            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, share,
+                           outcome["not_run"].get(p, "not run"))
+
+
+def eval_outcome(result: Any) -> dict[str, Any]:
+    """The serialisable part of an EvalResult that the units keep."""
+    return {"scores": result.scores, "records": {p: _compact(r) for p, r in result.records.items()},
+            "not_run": result.not_run, "model": result.model, "stats": result.stats}
+
+
+def pending_work(spec: StudySpec, plan: Plan, stored: dict[str, dict[str, Any]], v: Variant, seed: int | None,
+                 out_dir: Path, models_dir: Path | None = None) -> tuple[bool, list[str]]:
+    """(compression needed?, perspectives still to evaluate) for one model of the study."""
+    status = {r["unit"]: r["status"] for r in plan.status(stored)}
+    inst = instance_key(v, seed)
+    need_compress = False
+    if not v.is_dense:
+        done = stored.get(compress_unit(inst)) if status[compress_unit(inst)] == "done" else None
+        path = (done or {}).get("result", {}).get("path") or str(checkpoint_dir(out_dir, inst, models_dir))
+        need_compress = done is None or not Path(path).is_dir()
+    return need_compress, [p for p in spec.perspectives if status[eval_unit(inst, p)] != "done"]
+
+
+def stored_checkpoint(stored: dict[str, dict[str, Any]], inst: str, default: Path) -> Path:
+    u = stored.get(compress_unit(inst))
+    path = u["result"].get("path") if u and u["status"] == "done" else None
+    return Path(path) if path and Path(path).is_dir() else default
+
+
 def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, store: Store, opts: EvalOptions,
                   out_dir: Path, say: _Say, progress: bool | None, on_unit: Callable[[str], None] | None) -> None:
-    inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
-    status = {r["unit"]: r["status"] for r in plan.status(store.units())}
+    inst = instance_key(v, seed)
+    need_compress, pending = pending_work(spec, plan, store.units(), v, seed, out_dir)
     model_ref: str | None = spec.model
     if not v.is_dense:
-        ckpt = out_dir / "models" / inst
-        uid = compress_unit(inst)
-        if status[uid] != "done" or not ckpt.is_dir():
+        ckpt = stored_checkpoint(store.units(), inst, checkpoint_dir(out_dir, inst))
+        if need_compress:
             if on_unit:
-                on_unit(uid)
+                on_unit(compress_unit(inst))
             say(f"compress {inst} ({v.config(seed or 0).label()}, seed {seed})")
             t0 = time.time()
             try:
-                record = _compress(spec, v, seed or 0, ckpt)
+                record = compress_checkpoint(spec, v, seed or 0, ckpt)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # recorded; the study goes on with the other variants
-                store.put_unit(uid, "compress", "failed", {"fingerprint": v.fingerprint(seed or 0)}, time.time() - t0,
-                               _one_line(e))
+                record_compress(store, v, seed or 0, time.time() - t0, None, _one_line(e))
                 say(f"FAILED compress {inst}: {_one_line(e)}")
                 say.finished("compress", 1, time.time() - t0)
-                say.left["eval"] -= sum(1 for p in spec.perspectives if status[eval_unit(inst, p)] != "done")
+                say.left["eval"] -= len(pending)
                 return
-            store.put_unit(uid, "compress", "done", {"fingerprint": v.fingerprint(seed or 0), "record": record},
-                           time.time() - t0)
+            record_compress(store, v, seed or 0, time.time() - t0, record, None, ckpt)
             say.finished("compress", 1, time.time() - t0)
         model_ref = str(ckpt)
-    pending = [p for p in spec.perspectives if status[eval_unit(inst, p)] != "done"]
     if not pending:
         return
     for p in pending:
@@ -235,32 +308,21 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
     say(f"evaluate {inst} on {', '.join(pending)}")
     t0 = time.time()
     try:
-        result = _evaluate(spec, model_ref, pending, opts, out_dir, store, inst, progress)
+        result = evaluate_model(spec, model_ref, pending, opts, out_dir, store, progress)
     except KeyboardInterrupt:
         raise
     except Exception as e:
         if not isinstance(e, ComptrustError):
             traceback.print_exc(file=sys.stderr)
-        for p in pending:
-            store.put_unit(eval_unit(inst, p), "eval", "failed",
-                           {"fingerprint": eval_fingerprint(spec, v, seed, p)}, time.time() - t0, _one_line(e))
+        record_eval(store, spec, v, seed, pending, time.time() - t0, None, _one_line(e))
         say(f"FAILED evaluate {inst}: {_one_line(e)}")
         say.finished("eval", len(pending), time.time() - t0)
         return
-    secs = time.time() - t0
-    for p in pending:
-        fp = eval_fingerprint(spec, v, seed, p)
-        if p in result.scores:
-            res = {"fingerprint": fp, "score": result.scores[p], "records": _compact(result.records[p]),
-                   "model": result.model, "generation": result.stats}
-            store.put_unit(eval_unit(inst, p), "eval", "done", res, secs / len(pending))
-        else:
-            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, secs / len(pending),
-                           result.not_run.get(p, "not run"))
-    say.finished("eval", len(pending), secs)
+    record_eval(store, spec, v, seed, pending, time.time() - t0, eval_outcome(result), None)
+    say.finished("eval", len(pending), time.time() - t0)
 
 
-def _compress(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, Any]:
+def compress_checkpoint(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, Any]:
     from comptrust.compress.api import RECORD_NAME, compress, is_comptrust_checkpoint
 
     cfg = v.config(seed)
@@ -272,14 +334,14 @@ def _compress(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, A
     return json.loads((ckpt / RECORD_NAME).read_text())
 
 
-def _evaluate(spec: StudySpec, model_ref: str | None, names: list[str], opts: EvalOptions, out_dir: Path,
-              store: Store, inst: str, progress: bool | None) -> Any:
+def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opts: EvalOptions, out_dir: Path,
+                   store: Store, progress: bool | None, device: str | None = None) -> Any:
     from comptrust.engine.hf import HFEngine
     from comptrust.evaluate import evaluate
     from comptrust.models import resolve
 
     resolved = resolve(model_ref)
-    engine = HFEngine(resolved, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size)
+    engine = HFEngine(resolved, device=device or spec.device, dtype=spec.dtype, batch_size=spec.batch_size)
     info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}
     try:
         return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False,

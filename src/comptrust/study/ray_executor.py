@@ -1,0 +1,172 @@
+"""Run a study's units as Ray tasks; the driver (this process) alone writes the store.
+
+Why this shape:
+- Ray schedules, places and retries; comptrust only says what each unit needs (1 GPU where the cluster has
+  GPUs, else `cpus_per_unit` CPUs) and what depends on what (an evaluation takes its compression's result as an
+  argument, so Ray starts it only after the checkpoint exists).
+- Workers never open the study's SQLite file: no concurrent writers, no database on a network file system.
+  An evaluation task generates into a private temporary store and returns its scores, compact records and
+  generation rows; the driver commits them with the unit rows. Resume and --status therefore behave exactly as
+  with the local executor.
+- A worker that dies mid-unit (killed, out of memory, node lost) is retried by Ray up to `max_retries` times;
+  after that the unit is recorded as failed and the study goes on. Exceptions raised by comptrust itself (bad
+  input, NaN weights) are not retried: they are returned as failures, since a rerun would fail the same way.
+- Checkpoints go to `models_dir` (default DIR/models), which must be readable by every worker: on a cluster, a
+  shared file system path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from comptrust.errors import ComptrustError, UsageError
+from comptrust.store import Store
+from comptrust.study.runner import (
+    DENSE,
+    Plan,
+    _one_line,
+    checkpoint_dir,
+    compress_checkpoint,
+    eval_options,
+    eval_outcome,
+    evaluate_model,
+    instance_key,
+    pending_work,
+    record_compress,
+    record_eval,
+    stored_checkpoint,
+)
+from comptrust.study.spec import StudySpec, parse_spec
+
+MAX_RETRIES = 2  # re-runs of a unit whose worker died
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _compress_task(spec_dict: dict[str, Any], variant: str, seed: int, ckpt: str, cpus: int) -> dict[str, Any]:
+    _threads(cpus)
+    print(f"[worker] compress {variant} seed {seed} into {ckpt}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    spec = parse_spec(spec_dict)
+    try:
+        record = compress_checkpoint(spec, spec.variant(variant), seed, Path(ckpt))
+        return {"status": "done", "record": record, "seconds": time.time() - t0, "pid": os.getpid()}
+    except Exception as e:
+        if not isinstance(e, ComptrustError):
+            traceback.print_exc(file=sys.stderr)
+        return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0, "pid": os.getpid()}
+
+
+def _eval_task(spec_dict: dict[str, Any], model_ref: str | None, pending: list[str], device: str, cpus: int,
+               compressed: dict[str, Any] | None) -> dict[str, Any]:
+    """compressed: the compression task's result (Ray passes the value once that task has finished)."""
+    if compressed is not None and compressed["status"] != "done":
+        return {"status": "blocked", "seconds": 0.0}
+    _threads(cpus)
+    print(f"[worker] evaluate {model_ref or 'the embedded model'} on {', '.join(pending)}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    spec = parse_spec(spec_dict)
+    opts = eval_options(spec)
+    with tempfile.TemporaryDirectory(prefix="comptrust-worker-") as tmp, Store(Path(tmp) / "worker.sqlite") as st:
+        try:
+            result = evaluate_model(spec, model_ref, pending, opts, Path(tmp), st, progress=False, device=device)
+        except Exception as e:
+            if not isinstance(e, ComptrustError):
+                traceback.print_exc(file=sys.stderr)
+            return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0}
+        rows = st.generation_rows()
+    return {"status": "done", "outcome": eval_outcome(result), "generations": rows, "seconds": time.time() - t0,
+            "pid": os.getpid()}
+
+
+def _init_ray(address: str | None, workers: int | None) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'comptrust[ray]'") from None
+    passed = ("OMP_WAIT_POLICY", "TQDM_DISABLE", "COMPTRUST_HOME", "HF_HUB_OFFLINE", "HF_HOME")
+    env = {"env_vars": {k: os.environ[k] for k in passed if k in os.environ}}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster ({_one_line(e)})") from None
+    else:
+        ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+    return ray
+
+
+def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: Any, address: str | None = None,
+               workers: int | None = None, models_dir: Path | None = None, cpus_per_unit: int = 1) -> None:
+    ray = _init_ray(address, workers)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        res = {"num_gpus": 1, "num_cpus": cpus_per_unit} if gpus else {"num_cpus": cpus_per_unit}
+        device = "cuda" if gpus else "cpu"
+        say(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus:g} GPUs; one unit per "
+            f"{'GPU' if gpus else f'{cpus_per_unit} CPU'}")
+        compress_remote = ray.remote(max_retries=MAX_RETRIES)(_compress_task).options(**res)
+        eval_remote = ray.remote(max_retries=MAX_RETRIES)(_eval_task).options(**res)
+        spec_dict = {k: v for k, v in spec.to_dict().items() if k != "source"}
+        stored = store.units()
+        refs: dict[Any, tuple[str, Any, int | None, Any]] = {}
+        for v in spec.variants:
+            for seed in [None] if v.is_dense else list(v.seeds):
+                inst = instance_key(v, seed)
+                need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
+                cref = None
+                model_ref = spec.model
+                if not v.is_dense:
+                    ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
+                    model_ref = str(ckpt)
+                    if need_compress:
+                        say(f"submit compress {inst}")
+                        cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
+                        refs[cref] = ("compress", v, seed, ckpt)
+                if pending:
+                    say(f"submit evaluate {inst} on {', '.join(pending)}")
+                    eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref)
+                    refs[eref] = ("eval", v, seed, pending)
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                kind, v, seed, extra = refs.pop(ref)
+                inst = instance_key(v, seed)
+                try:
+                    out = ray.get(ref)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # the worker died more than MAX_RETRIES times, or Ray lost the task
+                    out = {"status": "failed", "error": f"worker failed after {MAX_RETRIES} retries: {_one_line(e)}",
+                           "seconds": 0.0}
+                secs = out.get("seconds", 0.0)
+                if kind == "compress":
+                    record_compress(store, v, seed or 0, secs, out.get("record"), out.get("error"), extra)
+                    say(f"{'FAILED ' if out['status'] != 'done' else ''}compress {inst}"
+                        + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
+                    say.finished("compress", 1, secs)
+                elif out["status"] == "blocked":  # like the local executor: no rows, shown as blocked
+                    say.finished("eval", len(extra), 0.0)
+                else:
+                    if out["status"] == "done":
+                        store.put_generation_rows(out["generations"])
+                    record_eval(store, spec, v, seed, extra, secs, out.get("outcome"), out.get("error"))
+                    say(f"{'FAILED ' if out['status'] != 'done' else ''}evaluate {inst}"
+                        + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
+                    say.finished("eval", len(extra), secs)
+    finally:
+        ray.shutdown()
+
+
+__all__ = ["run_on_ray", "DENSE"]
