@@ -68,11 +68,66 @@ def _from_gguf(spec: str, path: Path, kind: str, name: str | None = None) -> Res
     return ResolvedModel(spec=spec, name=name or path.stem, kind=kind, path=hf_dir, fingerprint=fp, meta=meta)
 
 
+def _refuse_pickle_weights(d: Path) -> None:
+    """Refuse a directory whose weights transformers would unpickle (pytorch_model*.bin, no model.safetensors).
+
+    transformers 5 would unpickle them with torch's restricted weights_only unpickler, which is still a pickle
+    parser; comptrust loads safetensors only.
+    """
+    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
+        return  # transformers prefers these and never opens a .bin next to them
+    pickled = sorted(p.name for p in d.glob("pytorch_model*.bin"))
+    if pickled:
+        raise UsageError(
+            f"{d} holds its weights only as PyTorch pickle files ({', '.join(pickled[:3])}), which comptrust does not "
+            "load (unpickling can run code); convert them to safetensors (model.safetensors) first"
+        )
+
+
+def _refuse_remote_code(d: Path) -> None:
+    """comptrust never runs Python code shipped with a checkpoint (auto_map in its config), i.e. trust_remote_code
+    stays False. A checkpoint of a built-in architecture that also carries an auto_map loads with the built-in
+    classes; one that needs its own code is refused here in one line, instead of transformers asking on the terminal.
+    """
+    maps = []
+    for fname in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((d / fname).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader reports it
+        if isinstance(data, dict) and data.get("auto_map"):
+            maps.append(fname)
+    if not maps:
+        return
+    refusal = UsageError(
+        f"{d}: the model needs its own Python code (auto_map in {' and '.join(maps)}), which comptrust never runs "
+        "(trust_remote_code=False); use a checkpoint of an architecture built into transformers"
+    )
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+        if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and (
+            type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
+        ):
+            raise refusal
+        AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # only a remote-code refusal is ours to report; any other error surfaces when the engine loads the model
+        if "trust_remote_code" in str(e):
+            raise refusal from None
+
+
 def _from_dir(spec: str, d: Path, kind: str = "dir", name: str | None = None) -> ResolvedModel:
     if not (d / "config.json").is_file():
         raise UsageError(f"{d} is not a Hugging Face model directory (no config.json)")
-    if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+    _refuse_pickle_weights(d)
+    if not any(d.glob("*.safetensors")):
         raise UsageError(f"{d} has a config.json but no weight files (*.safetensors)")
+    _refuse_remote_code(d)
     meta: dict[str, Any] = {}
     for extra in (META_NAME, "comptrust.json"):
         if (d / extra).is_file():

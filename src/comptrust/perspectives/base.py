@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -122,26 +123,63 @@ def require_file(path: Path, what: str = "") -> Path:
     return path
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(text: str, value: Any, where: str) -> None:
+    """A JSON "\\udXXX" escape may decode to a lone surrogate, which no later step can encode: refuse it here."""
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{where}: a string holds a lone surrogate (\\ud800-\\udfff), not Unicode text") from None
+
+
+def first_bad_utf8_line(path: Path) -> int:
+    """The number of the first line of path that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, record); a malformed line is a UsageError naming file and line."""
     require_file(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                except RecursionError:
+                    raise UsageError(f"{path}:{lineno}: malformed JSON line (nested too deeply)") from None
+                _check_unicode(line, rec, f"{path}:{lineno}")
+                yield lineno, rec
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
 
 
 def read_json(path: Path) -> Any:
     require_file(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: malformed JSON (nested too deeply)") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
+    _check_unicode(text, data, str(path))
+    return data
 
 
 def field_of(rec: Any, dotted: str, path: Path, lineno: int | None = None) -> Any:

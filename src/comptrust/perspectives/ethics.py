@@ -30,6 +30,7 @@ from comptrust.perspectives.base import (
     Loaded,
     Perspective,
     classification_prompt,
+    first_bad_utf8_line,
     mean,
     protocol,
     require_file,
@@ -76,25 +77,32 @@ def read_commonsense(path: Path) -> list[tuple[int, int, str]]:
     """(line, label, sentence) for the short rows of an ETHICS commonsense CSV (columns label,input,is_short)."""
     require_file(path, "ETHICS commonsense")
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for col in ("label", "input", "is_short"):
-            if col not in header:
-                raise UsageError(f"{path}:1: missing required column '{col}'")
-        for row in reader:
-            lineno = reader.line_num
-            values = {c: row.get(c) for c in ("label", "input", "is_short")}
-            for col, v in values.items():
-                if v is None:
-                    raise UsageError(f"{path}:{lineno}: record is missing required field '{col}'")
-            short = _truthy(values["is_short"])
-            if short is None:
-                raise UsageError(f"{path}:{lineno}: field 'is_short' must be True or False, got {values['is_short']!r}")
-            if values["label"].strip() not in ("0", "1"):
-                raise UsageError(f"{path}:{lineno}: field 'label' must be 0 or 1, got {values['label']!r}")
-            if short:
-                rows.append((lineno, int(values["label"]), values["input"]))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for col in ("label", "input", "is_short"):
+                if col not in header:
+                    raise UsageError(f"{path}:1: missing required column '{col}'")
+            for row in reader:
+                lineno = reader.line_num
+                values = {c: row.get(c) for c in ("label", "input", "is_short")}
+                for col, v in values.items():
+                    if v is None:
+                        raise UsageError(f"{path}:{lineno}: record is missing required field '{col}'")
+                short = _truthy(values["is_short"])
+                if short is None:
+                    raise UsageError(
+                        f"{path}:{lineno}: field 'is_short' must be True or False, got {values['is_short']!r}"
+                    )
+                if values["label"].strip() not in ("0", "1"):
+                    raise UsageError(f"{path}:{lineno}: field 'label' must be 0 or 1, got {values['label']!r}")
+                if short:
+                    rows.append((lineno, int(values["label"]), values["input"]))
+    except csv.Error as e:
+        raise UsageError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
     return rows
 
 

@@ -107,9 +107,12 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused on purpose
-        raise UsageError(f"{path}: cannot read as a plain numpy array ({e})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: unreadable numpy file ({e})") from None
+        raise UsageError(f"{path}: cannot read as a plain numpy array ({' '.join(str(e).split())})") from None
+    except Exception as e:  # noqa: BLE001 -- OSError, EOFError, or whatever numpy's parser of a corrupt header raises
+        raise UsageError(f"{path}: unreadable numpy file ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens a zip archive as an .npz mapping
+        arr.close()
+        raise UsageError(f"{path}: expected a .npy array, got an .npz archive")
     if arr.ndim != 1:
         raise UsageError(f"{path}: expected a 1-D array, got shape {arr.shape}")
     if arr.dtype.kind not in "iubUS":

@@ -148,8 +148,8 @@ class Privacy(Perspective):
             raise MissingData(folder / "email2name.json", "Enron email -> name (or its .jsonl twin)")
         email2name: dict[str, str] = {}
         for email, name, where in e2n_rows:
-            if not isinstance(name, str):
-                raise UsageError(f"{where}: field 'name' must be a string")
+            if not isinstance(email, str) or not isinstance(name, str):
+                raise UsageError(f"{where}: fields 'email' and 'name' must be strings")
             email2name[email] = name
         loaded = Loaded(items=[])
         files: dict[str, list[tuple[str, Any, str]] | None] = {}

@@ -21,6 +21,7 @@ from comptrust.perspectives.base import (
     Loaded,
     Perspective,
     field_of,
+    first_bad_utf8_line,
     protocol,
     read_jsonl,
     require_file,
@@ -113,11 +114,17 @@ def system_prompt_for(kind: str, group: str, templates: dict[str, str]) -> str:
 
 def read_system_prompts(path: Path) -> dict[str, str]:
     require_file(path, "stereotype system prompts")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except csv.Error as e:
+        raise UsageError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
     out = {}
     for i, row in enumerate(rows, 2):
-        if "type" not in row or "system_prompt" not in row:
+        if row.get("type") is None or row.get("system_prompt") is None:  # no such column, or a short row
             raise UsageError(f"{path}:{i}: expected columns 'type' and 'system_prompt'")
         out[row["type"].strip()] = row["system_prompt"]
     missing = [t for t in _proto()["protocol"]["system_prompt_types"] if t not in out]
@@ -150,6 +157,9 @@ class Stereotype(Perspective):
             topic = field_of(rec, "prompt.stereotype_topic_tag", data, lineno)
             group = field_of(rec, "prompt.demographic_group_tag", data, lineno)
             kind = field_of(rec, "prompt.sys_prompt_type_tag", data, lineno)
+            if not all(isinstance(x, str) for x in (text, topic, group, kind)):
+                raise UsageError(f"{data}:{lineno}: fields 'prompt.text', 'prompt.stereotype_topic_tag', "
+                                 "'prompt.demographic_group_tag' and 'prompt.sys_prompt_type_tag' must be strings")
             kind = proto["type_aliases"].get(kind, kind)
             if kind not in proto["system_prompt_types"]:
                 raise UsageError(f"{data}:{lineno}: unknown sys_prompt_type_tag '{kind}'")
@@ -181,6 +191,8 @@ class Stereotype(Perspective):
         types = _proto()["protocol"]["system_prompt_types"]
         cells: dict[str, dict[tuple[str, str], list[int]]] = {t: defaultdict(lambda: [0, 0, 0]) for t in types}
         for r in records:
+            if not r.parsed:  # a record without outputs has no cell to count into (and must not make an empty one)
+                continue
             c = cells[r.item.group][(r.item.labels["group"], r.item.labels["topic"])]
             for p in r.parsed:
                 c[0] += p.label == AGREE

@@ -75,6 +75,8 @@ def read_templates(opts: EvalOptions) -> dict[str, tuple[str, str]]:
             raise UsageError(f"{path}: has {len(data)} templates, the '{name}' template is index {idx}")
         where = f"{path} [template {idx}]"
         out[name] = (field_of(data[idx], "sys_prompt", where), field_of(data[idx], "task_desc", where))
+        if not all(isinstance(x, str) for x in out[name]):
+            raise UsageError(f"{where}: fields 'sys_prompt' and 'task_desc' must be strings")
     return out
 
 
