@@ -6,6 +6,7 @@ note that finished work is saved (the store commits every chunk) and a rerun res
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -236,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     except clicks as e:
         print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where}: {e.strerror}; work committed so far is kept", file=sys.stderr)
+            sys.exit(1)
+        raise
     except (KeyboardInterrupt, *abort):
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from comptrust.errors import UsageError
+from comptrust.errors import RuntimeFailure, UsageError
+from comptrust.failpoints import failpoint
 from comptrust.types import GenParams, sha256_text
 
 SCHEMA_VERSION = 1
@@ -56,6 +57,29 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 
+def _is_write_failure(e: sqlite3.Error) -> bool:
+    msg = str(e).lower()
+    return any(w in msg for w in ("disk i/o error", "disk is full", "readonly database", "unable to open"))
+
+
+def _guard_writes(method):
+    """A write that fails (full disk, I/O error) becomes one RuntimeFailure line; SQLite rolls the transaction
+    back, so everything committed before stays intact."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as e:
+            if _is_write_failure(e):
+                raise RuntimeFailure(f"cannot write the results database {self.path}: {e} (disk full?); "
+                                     "work committed so far is kept") from None
+            raise
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 def generation_key(model_fp: str, rendered: str, params: GenParams) -> str:
     return sha256_text(json.dumps([model_fp, rendered, params.key()], ensure_ascii=False, sort_keys=True))
 
@@ -79,6 +103,8 @@ class Store:
             )
             self.db.commit()
         except sqlite3.DatabaseError as e:
+            if _is_write_failure(e):
+                raise RuntimeFailure(f"cannot write the results database {self.path}: {e} (disk full?)") from None
             raise UsageError(f"{self.path} is not a comptrust results database ({e})") from None
 
     def close(self) -> None:
@@ -100,6 +126,7 @@ class Store:
                 out[k] = (json.loads(outs), json.loads(ntok))
         return out
 
+    @_guard_writes
     def put_generations(self, rows: Iterable[tuple[str, str, str, GenParams, list[str], list[int]]]) -> None:
         """rows of (key, model, rendered prompt, params, outputs, n_tokens), committed as one transaction."""
         now = time.time()
@@ -112,12 +139,14 @@ class Store:
                     for k, m, p, g, o, t in rows
                 ],
             )
+            failpoint("store.put_generations")
 
     def generation_rows(self) -> list[tuple[str, str, str, str, str, str]]:
         """Every cached generation as stored (key, model, prompt, params JSON, outputs JSON, n_tokens JSON): what a
         remote worker ships back to the driver, which alone writes the study's store."""
         return list(self.db.execute("SELECT key, model, prompt, params, outputs, n_tokens FROM generations"))
 
+    @_guard_writes
     def put_generation_rows(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
         now = time.time()
         with self.db:
@@ -133,6 +162,7 @@ class Store:
         return self.db.execute("SELECT COUNT(*) FROM generations WHERE model = ?", (model,)).fetchone()[0]
 
     # -- scores ----------------------------------------------------------------------------------------------
+    @_guard_writes
     def put_score(self, model: str, perspective: str, options: dict[str, Any], score: dict[str, Any]) -> None:
         with self.db:
             self.db.execute(
@@ -153,6 +183,7 @@ class Store:
         return list(latest.values())
 
     # -- study units: one row per finished (done or failed) unit of work, written in one transaction -------------
+    @_guard_writes
     def put_unit(
         self, unit_id: str, kind: str, status: str, result: dict[str, Any], seconds: float, error: str | None = None
     ) -> None:
@@ -162,6 +193,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (unit_id, kind, status, json.dumps(result, ensure_ascii=False, default=str), error, seconds, time.time()),
             )
+            failpoint("store.put_unit")
 
     def units(self, with_results: bool = True) -> dict[str, dict[str, Any]]:
         """unit id -> {kind, status, error, seconds, result?}."""
@@ -184,6 +216,7 @@ class Store:
                 out[k] = json.loads(v)
         return out
 
+    @_guard_writes
     def kv_put_many(self, ns: str, items: dict[str, Any]) -> None:
         now = time.time()
         with self.db:

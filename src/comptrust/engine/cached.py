@@ -3,11 +3,16 @@
 Deduplicates identical requests (same rendered prompt and decoding parameters) before generating, sorts the
 misses by length so batches pad little, and commits every chunk in its own transaction: a killed run loses
 at most one chunk, and a rerun generates only what was never committed.
+
+Chunks are cut from the misses in a deterministic order and commit whole, so after a crash the rerun's misses
+are exactly the chunks that never committed, cut the same way: the engine sees the same batches as an
+uninterrupted run, and greedy outputs (hence scores) come out identical (tests/study/test_crash.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -35,10 +40,11 @@ class GenerationStats:
 
 
 class CachedEngine:
-    def __init__(self, engine: Engine, store: Store, chunk_size: int = 128):
+    def __init__(self, engine: Engine, store: Store, chunk_size: int | None = None):
         self.engine = engine
         self.store = store
-        self.chunk_size = chunk_size
+        # one transaction per chunk: a smaller chunk loses less to a crash and commits more often
+        self.chunk_size = chunk_size or int(os.environ.get("COMPTRUST_CHUNK_SIZE", "128"))
         self.stats = GenerationStats()
 
     def generate(

@@ -1,0 +1,101 @@
+"""The bad-input catalogue (docs/errors.md) entries not covered next to their feature: a one-line error, the
+documented exit code, and stored work intact."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comptrust import perspectives as registry
+from comptrust.data_sources import mini_dir, mmlu_dir
+from comptrust.evaluate import options_for
+from comptrust.perspectives.base import EvalOptions
+
+
+def run(*args: str, env: dict | None = None, preexec=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comptrust", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec, cwd=cwd)
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error: "), p.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.mark.model
+def test_truncated_safetensors_exit_2(tmp_path):
+    from comptrust.models import resolve
+
+    src = Path(resolve(None).path)
+    model = tmp_path / "m"
+    shutil.copytree(src, model)
+    st = model / "model.safetensors"
+    os.truncate(st, st.stat().st_size // 2)
+    p = run("evaluate", "-p", "stereotype", "--limit", "1", "--model", str(model), "--out", str(tmp_path / "o"),
+            "--no-progress")
+    assert p.returncode == 2
+    line = last_line(p)
+    assert str(model) in line and "SafetensorError" in line
+
+
+def test_unwritable_output_directory_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    p = run("evaluate", "-p", "stereotype", "--out", str(blocker / "sub"))
+    assert p.returncode == 2
+    assert last_line(p) == f"error: --out {blocker / 'sub'}: cannot create the output directory (Not a directory)"
+
+
+def _file_size_limit(n: int):
+    def apply() -> None:  # in the child: a write past n bytes fails with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
+    return apply
+
+
+@pytest.mark.model
+def test_full_disk_mid_run_keeps_committed_work_and_resumes(tmp_path):
+    out = tmp_path / "o"
+    args = ("evaluate", "-p", "stereotype,ethics", "--limit", "3", "--out", str(out), "--no-progress")
+    env = {"COMPTRUST_CHUNK_SIZE": "2"}
+    p = run(*args, env=env, preexec=_file_size_limit(150_000))
+    assert p.returncode == 1
+    line = last_line(p)
+    assert "cannot write the results database" in line and "work committed so far is kept" in line
+    db = sqlite3.connect(out / "comptrust.sqlite")
+    kept = db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    assert kept > 0
+    again = run(*args, env=env)  # space is back: the rerun generates only what was lost
+    assert again.returncode == 0, again.stderr[-2000:]
+    import json
+
+    gen = json.loads((out / "scores.json").read_text())["generation"]
+    assert gen["cache_hits"] == kept and gen["generated"] == gen["unique"] - kept
+
+
+def test_empty_generation_is_parsed_as_no_answer():
+    opts = EvalOptions(data_dir=mini_dir(), limit=1, mmlu_dir=mmlu_dir(None, mini_dir()))
+    for name in registry.REGISTRY:
+        p = registry.get(name)
+        popts = options_for(p, opts)
+        for it in p.load(popts).items[:5]:
+            got = p.parse(it, "", popts)
+            if name == "fairness":
+                # DecodingTrust's fairness scorer counts no answer as a refusal AND as prediction 0 ("no"), so an
+                # item whose true label is 0 comes out correct (protocol section 9): only the refusal is asserted
+                assert got.refused, (name, it.id, got)
+                continue
+            assert got.correct in (False, None), (name, it.id, got)
+            assert got.label in (None, "no_response", "unknown", "refusal", -1) or got.refused, (name, it.id, got)
