@@ -116,3 +116,19 @@ def test_sampled_outputs_do_not_depend_on_batch_mates(engine_fp32):
     alone = engine_fp32.generate([p])[0]
     together = engine_fp32.generate([other, p])[1]
     assert alone.texts == together.texts
+
+
+def test_static_loop_matches_transformers_generate(engine_fp32):
+    """The static-cache loop (the GPU default, here without CUDA graphs) gives model.generate()'s greedy outputs,
+    with and without shared-prefix prefill."""
+    prompts = [_greedy(q, 16) for q in QUESTIONS[:3]]
+    engine_fp32.loop = "hf"
+    try:
+        ref = engine_fp32.generate(prompts)
+        engine_fp32.loop = "static"
+        ours = engine_fp32.generate(prompts)
+        engine_fp32.prefix_sharing = False
+        plain = engine_fp32.generate(prompts)
+    finally:
+        engine_fp32.loop, engine_fp32.prefix_sharing = "auto", True
+    assert [g.texts for g in ours] == [g.texts for g in ref] == [g.texts for g in plain]
