@@ -102,25 +102,46 @@ def _init_ray(address: str | None, workers: int | None) -> Any:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster ({_one_line(e)})") from None
     else:
-        ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, runtime_env=env,
-                 log_to_driver=True)
+        cores, gpus = os.cpu_count() or 1, _local_gpus()
+        if gpus:  # one unit per GPU (--workers of them at most); all cores, shared out among the units
+            ray.init(num_cpus=cores, num_gpus=min(workers or gpus, gpus), include_dashboard=False, runtime_env=env,
+                     log_to_driver=True)
+        else:  # one unit per CPU, --workers of them
+            ray.init(num_cpus=workers or cores, include_dashboard=False, runtime_env=env, log_to_driver=True)
     return ray
+
+
+def _local_gpus() -> int:
+    """CUDA devices this machine shows (CUDA_VISIBLE_DEVICES applies), without initialising CUDA here."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 -- no torch build with CUDA: no GPUs
+        return 0
 
 
 def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: Any, address: str | None = None,
                workers: int | None = None, models_dir: Path | None = None, cpus_per_unit: int = 1) -> None:
     ray = _init_ray(address, workers)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        cluster = ray.cluster_resources()
+        gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+        if gpus:  # a unit holds one GPU and its share of the cores (tokenising, calibration, sampling run there)
+            cpus_per_unit = max(cpus_per_unit, int(cpus // gpus))
         res = {"num_gpus": 1, "num_cpus": cpus_per_unit} if gpus else {"num_cpus": cpus_per_unit}
         device = "cuda" if gpus else "cpu"
-        say(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus:g} GPUs; one unit per "
-            f"{'GPU' if gpus else f'{cpus_per_unit} CPU'}")
+        say(f"Ray cluster: {cpus:g} CPUs, {gpus:g} GPUs; one unit per "
+            f"{f'GPU with {cpus_per_unit} CPUs' if gpus else f'{cpus_per_unit} CPU'}")
         compress_remote = ray.remote(max_retries=MAX_RETRIES)(_compress_task).options(**res)
         eval_remote = ray.remote(max_retries=MAX_RETRIES)(_eval_task).options(**res)
         spec_dict = {k: v for k, v in spec.to_dict().items() if k != "source"}
         stored = store.units()
         refs: dict[Any, tuple[str, Any, int | None, Any]] = {}
+        # Compressions are submitted first: Ray starts ready tasks roughly in submission order, and a compression
+        # is on the critical path of its evaluation, so with several GPUs the compressions run side by side and
+        # dense's evaluation fills a free GPU instead of delaying one of them.
+        evals: list[tuple[Any, int | None, str, Any, list[str], Any]] = []
         for v in spec.variants:
             for seed in [None] if v.is_dense else list(v.seeds):
                 inst = instance_key(v, seed)
@@ -135,9 +156,11 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
                         cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
                         refs[cref] = ("compress", v, seed, ckpt)
                 if pending:
-                    say(f"submit evaluate {inst} on {', '.join(pending)}")
-                    eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref)
-                    refs[eref] = ("eval", v, seed, pending)
+                    evals.append((v, seed, inst, model_ref, pending, cref))
+        for v, seed, inst, model_ref, pending, cref in sorted(evals, key=lambda e: e[0].is_dense):
+            say(f"submit evaluate {inst} on {', '.join(pending)}")
+            eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref)
+            refs[eref] = ("eval", v, seed, pending)
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
             for ref in done:
