@@ -205,6 +205,45 @@ def test_partial_results_are_kept_by_the_failure(fake):
     assert e.value.partial[0].texts == ("a|seed=0|i=0|t=0.0",) and e.value.partial[1] is None
 
 
+def test_cached_engine_commits_the_partial_results_of_a_failed_chunk(fake, tmp_path):
+    """A chunk that fails part-way keeps what finished: the rerun asks the server only for the rest."""
+    fake.script = ["ok", 500, 500]
+    eng = engine_for(fake, max_retries=1, concurrency=1)
+    with Store(tmp_path / "c.sqlite") as st:
+        cached = CachedEngine(eng, st, chunk_size=8)
+        with pytest.raises(GenerationFailed):
+            cached.generate([chat("a"), chat("b")])
+        assert st.count_generations(eng.fingerprint) == 1
+        before = len(fake.posts())
+        gens = cached.generate([chat("a"), chat("b")])
+        assert [g.cached for g in gens] == [True, False]
+        assert len(fake.posts()) == before + 1
+
+
+def test_cli_evaluates_a_served_model(fake, tmp_path):
+    """comptrust evaluate -m openai:URL#NAME, end to end through the CLI (a real process, a real HTTP server)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "served"
+    p = subprocess.run(
+        [sys.executable, "-m", "comptrust", "evaluate", "-m", f"openai:{fake.url}#smol", "-p", "ethics",
+         "--limit", "1", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["model"]["engine"] == "openai" and scores["model"]["spec"] == f"openai:{fake.url}#smol"
+    assert "ethics" in scores["perspectives"]
+    assert fake.posts() and all(r[1] == "/v1/chat/completions" for r in fake.posts())
+    bad = subprocess.run(
+        [sys.executable, "-m", "comptrust", "evaluate", "-m", f"openai:{fake.url}#nosuch", "-p", "ethics",
+         "--limit", "1", "--out", str(tmp_path / "bad"), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nosuch" in bad.stderr, bad.stderr
+
+
 def test_unreachable_endpoint():
     from comptrust.serve.llamacpp import free_port
 

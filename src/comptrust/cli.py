@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,9 @@ app = typer.Typer(
 
 MODEL_HELP = (
     "Model to evaluate: omit for the embedded SmolLM2-135M-Instruct (offline); a .gguf file; a local Hugging "
-    "Face model directory (e.g. the --out of `comptrust compress`); or a Hub id org/name[@revision]."
+    "Face model directory (e.g. the --out of `comptrust compress`); a Hub id org/name[@revision]; or a served "
+    "model openai:BASE_URL#NAME (an OpenAI-compatible server: vLLM, TGI, llama.cpp, Ollama; API key from "
+    "$OPENAI_API_KEY)."
 )
 
 
@@ -79,7 +82,16 @@ def evaluate(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="auto | bfloat16 | float32 | float16 (default: bf16 on GPU and on CPUs with native bf16)."
     ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Max prompts per generate() batch."),
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="auto | hf | vllm | llamacpp. auto: vLLM when installed and on CUDA, else transformers (hf). "
+        "llamacpp: serve the GGUF --model (default: the embedded one) with a llama.cpp server started here. "
+        "openai:URL#NAME models always use the OpenAI-compatible client.",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Max prompts per batch (default: the engine packs batches by a token budget)."
+    ),
     raw: bool = typer.Option(False, "--raw", help="Raw-text prompts (no chat template), for base models."),
     toxicity_scorer: Optional[str] = typer.Option(
         None,
@@ -96,12 +108,15 @@ def evaluate(
       comptrust evaluate --perspectives stereotype --out runs/smol
 
       comptrust evaluate -p stereotype --suite dt --data-dir ../shared/data/decodingtrust --limit 32 --out runs/dt
+
+      comptrust evaluate -m openai:http://127.0.0.1:8080/v1#my-model -p ethics --out runs/served
+
+      comptrust evaluate --backend llamacpp -p stereotype --out runs/smol-llamacpp
     """
     from comptrust import perspectives as registry
     from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
-    from comptrust.engine.hf import HFEngine
+    from comptrust.engine.select import open_engine
     from comptrust.evaluate import check_out_dir, evaluate as run_eval
-    from comptrust.models import resolve
     from comptrust.perspectives.base import PROFILES, EvalOptions
 
     if suite not in ("mini", "dt"):
@@ -113,7 +128,7 @@ def evaluate(
         raise UsageError(f"--limit {limit}: must be a positive number of items")
     if n is not None and n <= 0:
         raise UsageError(f"--n {n}: must be a positive number of samples")
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size}: must be positive")
     names = registry.parse_list(perspectives)
     check_out_dir(out)
@@ -133,10 +148,8 @@ def evaluate(
         from comptrust.toxicity_scorers import get_scorer
 
         opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer) if toxicity_scorer else resolve_scorer(opts)
-    resolved = resolve(model)
-    engine = HFEngine(resolved, device=device, dtype=dtype, batch_size=batch_size, chat=False if raw else None)
-    info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}
-    result = run_eval(engine, info, names, opts, out, progress=progress)
+    with open_engine(model, backend, device, dtype, batch_size, chat=False if raw else None) as (engine, info):
+        result = run_eval(engine, info, names, opts, out, progress=progress)
     _print_scores(result)
 
 
@@ -174,6 +187,12 @@ def list_perspectives() -> None:
 @app.command("model-info")
 def model_info(model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP)) -> None:
     """Resolve a model (converting a GGUF once) and print its local path, fingerprint and metadata."""
+    if model and model.startswith("openai:"):  # a served model: what the server says about it
+        from comptrust.engine.select import open_engine
+
+        with open_engine(model) as (_, info):
+            print(json.dumps(info, indent=2, default=str))
+        return
     from comptrust.models import resolve
 
     print(json.dumps(resolve(model).describe(), indent=2, default=str))
@@ -238,11 +257,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            where = f" {e.filename}" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EISDIR,
+                       errno.ENOTDIR):
+            target = getattr(e, "filename2", None) or e.filename  # a rename names its destination second
+            where = f" {target}" if target else ""
             print(f"error: cannot write{where}: {e.strerror}; work committed so far is kept", file=sys.stderr)
             sys.exit(1)
         raise
+    except sqlite3.DatabaseError as e:  # a store damaged after it was opened (bad pages): say so in one line
+        print(f"error: the results database (comptrust.sqlite in --out) is damaged: {e}; move it away and rerun "
+              "(its generations are then made again)", file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, *abort):
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

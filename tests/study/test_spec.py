@@ -72,7 +72,7 @@ def test_unknown_keys_list_the_valid_ones_with_line(tmp_path):
 
 def test_unknown_method_and_perspective(tmp_path):
     msg = _err(tmp_path, "variants:\n  - dense\n  - {method: gptqq, bits: 4}\n")
-    assert ":3: variants[1]: unknown method 'gptqq' (did you mean 'gptq'?); valid: dense, gptq, awq" in msg
+    assert ":3: variants[1]: unknown method 'gptqq' (did you mean 'gptq'?); valid: dense, gguf, gptq, awq" in msg
     msg = _err(tmp_path, "perspectives: [ethics, toxcity]\n")
     assert ":1: unknown perspective 'toxcity' (did you mean 'toxicity'?); known: toxicity, stereotype" in msg
 
@@ -118,3 +118,50 @@ def test_cli_init_and_errors(tmp_path):
     assert p.returncode == 2 and "is not a study directory" in p.stderr
     p = _cli("study", "--help", cwd=tmp_path)
     assert p.returncode == 0 and "--init" in p.stdout and "Resumable" in p.stdout
+
+
+def test_gguf_variants_parse_with_names_bits_and_no_seeds(tmp_path):
+    spec = _load(tmp_path, "variants:\n  - dense\n  - {method: gguf}\n  - {method: gguf, quant: q8_0}\n")
+    names = [v.name for v in spec.variants]
+    assert names == ["dense", "gguf", "gguf-q8_0"]
+    gg, q8 = spec.variants[1], spec.variants[2]
+    assert gg.is_gguf and q8.settings == {"quant": "Q8_0"} and q8.seeds == (0,)
+    assert q8.bits() == 8.5
+    assert gg.bits() == 5.0  # the embedded model's own GGUF is Q4_1: 4 bits + a 16-bit scale and min per 32
+    assert q8.describe()["quant"] == "Q8_0"
+    again = parse_spec({k: v for k, v in spec.to_dict().items() if k != "source"})
+    assert [(v.name, v.settings, v.seeds) for v in again.variants] == [(v.name, v.settings, v.seeds)
+                                                                        for v in spec.variants]
+
+
+@pytest.mark.parametrize(
+    "variant, needle",
+    [
+        ("{method: gguf, quant: Q9_9}", "quant: 'Q9_9'"),
+        ("{method: gguf, seeds: [0, 1]}", "take no seeds"),
+        ("{method: gguf, file: /nonexistent.gguf}", "is not a GGUF file"),
+        ("{method: gguf, quant: Q8_0, file: x.gguf}", "not both"),
+        ("{method: gptq, bits: 4, quant: Q8_0}", "quant is a setting of gguf variants"),
+        ("{method: gguff}", "did you mean 'gguf'"),
+    ],
+)
+def test_bad_gguf_variants_name_the_line(tmp_path, variant, needle):
+    msg = _err(tmp_path, f"variants:\n  - dense\n  - {variant}\n")
+    assert msg.startswith(f"{tmp_path / 'study.yaml'}:3: variants[1]"), msg
+    assert needle in msg, msg
+
+
+def test_gguf_variant_needs_a_gguf_model(tmp_path):
+    msg = _err(tmp_path, "model: HuggingFaceTB/SmolLM2-135M-Instruct\nvariants:\n  - {method: gguf, quant: Q8_0}\n")
+    assert "gguf variants need a GGUF model" in msg and ":3:" in msg
+
+
+def test_backend_key(tmp_path):
+    assert _load(tmp_path, "backend: hf\n").backend == "hf"
+    assert "backend: 'tensorrt'" in _err(tmp_path, "backend: tensorrt\n")
+
+
+def test_missing_local_model_is_refused_before_any_work(tmp_path):
+    msg = _err(tmp_path, "suite: mini\nmodel: ./nope/model.gguf\n")
+    assert msg.endswith("model: ./nope/model.gguf does not exist (a .gguf file, a model directory, or a Hub id org/name)")
+    assert ":2:" in msg

@@ -75,7 +75,18 @@ class CachedEngine:
             t0 = time.time()
             for c in range(0, len(misses), self.chunk_size):
                 chunk = misses[c : c + self.chunk_size]
-                gens = self.engine.generate([prompts[i] for i in chunk])
+                try:
+                    gens = self.engine.generate([prompts[i] for i in chunk])
+                except Exception as e:
+                    # an engine that fails part-way (a served model whose endpoint gave up) may say what did
+                    # finish: commit those before the error travels on, so a rerun does not ask for them again
+                    done = [(i, g) for i, g in zip(chunk, getattr(e, "partial", None) or []) if g is not None]
+                    if done:
+                        self.store.put_generations(
+                            [(keys[i], fp, rendered[i], prompts[i].params, list(g.texts), list(g.n_tokens))
+                             for i, g in done]
+                        )
+                    raise
                 rows = []
                 for i, g in zip(chunk, gens):
                     results[keys[i]] = g

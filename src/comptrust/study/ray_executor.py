@@ -31,12 +31,14 @@ from comptrust.study.runner import (
     DENSE,
     Plan,
     _one_line,
+    backend_for,
     checkpoint_dir,
     compress_checkpoint,
     eval_options,
     eval_outcome,
     evaluate_model,
     instance_key,
+    model_in,
     pending_work,
     record_compress,
     record_eval,
@@ -68,7 +70,7 @@ def _compress_task(spec_dict: dict[str, Any], variant: str, seed: int, ckpt: str
 
 
 def _eval_task(spec_dict: dict[str, Any], model_ref: str | None, pending: list[str], device: str, cpus: int,
-               compressed: dict[str, Any] | None) -> dict[str, Any]:
+               compressed: dict[str, Any] | None, backend: str | None = None) -> dict[str, Any]:
     """compressed: the compression task's result (Ray passes the value once that task has finished)."""
     if compressed is not None and compressed["status"] != "done":
         return {"status": "blocked", "seconds": 0.0}
@@ -79,7 +81,8 @@ def _eval_task(spec_dict: dict[str, Any], model_ref: str | None, pending: list[s
     opts = eval_options(spec)
     with tempfile.TemporaryDirectory(prefix="comptrust-worker-") as tmp, Store(Path(tmp) / "worker.sqlite") as st:
         try:
-            result = evaluate_model(spec, model_ref, pending, opts, Path(tmp), st, progress=False, device=device)
+            result = evaluate_model(spec, model_ref, pending, opts, Path(tmp), st, progress=False, device=device,
+                                    backend=backend)
         except Exception as e:
             if not isinstance(e, ComptrustError):
                 traceback.print_exc(file=sys.stderr)
@@ -150,7 +153,7 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
                 model_ref = spec.model
                 if not v.is_dense:
                     ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
-                    model_ref = str(ckpt)
+                    model_ref = model_in(v, ckpt)
                     if need_compress:
                         say(f"submit compress {inst}")
                         cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
@@ -159,7 +162,7 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
                     evals.append((v, seed, inst, model_ref, pending, cref))
         for v, seed, inst, model_ref, pending, cref in sorted(evals, key=lambda e: e[0].is_dense):
             say(f"submit evaluate {inst} on {', '.join(pending)}")
-            eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref)
+            eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref, backend_for(spec, v))
             refs[eref] = ("eval", v, seed, pending)
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)

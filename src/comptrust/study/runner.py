@@ -15,7 +15,6 @@ recorded one unit per perspective.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -285,7 +284,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
         if need_compress:
             if on_unit:
                 on_unit(compress_unit(inst))
-            say(f"compress {inst} ({v.config(seed or 0).label()}, seed {seed})")
+            say(f"compress {inst} ({v.label(seed or 0)}" + ("" if v.is_gguf else f", seed {seed}") + ")")
             t0 = time.time()
             try:
                 record = compress_checkpoint(spec, v, seed or 0, ckpt)
@@ -299,7 +298,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
                 return
             record_compress(store, v, seed or 0, time.time() - t0, record, None, ckpt)
             say.finished("compress", 1, time.time() - t0)
-        model_ref = str(ckpt)
+        model_ref = model_in(v, ckpt)
     if not pending:
         return
     for p in pending:
@@ -308,7 +307,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
     say(f"evaluate {inst} on {', '.join(pending)}")
     t0 = time.time()
     try:
-        result = evaluate_model(spec, model_ref, pending, opts, out_dir, store, progress)
+        result = evaluate_model(spec, model_ref, pending, opts, out_dir, store, progress, backend=backend_for(spec, v))
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -322,9 +321,27 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
     say.finished("eval", len(pending), time.time() - t0)
 
 
+def model_in(v: Variant, ckpt: Path) -> str:
+    """What the engine loads for a compressed variant: its checkpoint folder, or the GGUF inside for gguf."""
+    if v.is_gguf:
+        from comptrust.compress.gguf import MODEL_FILE
+
+        return str(ckpt / MODEL_FILE)
+    return str(ckpt)
+
+
+def backend_for(spec: StudySpec, v: Variant) -> str:
+    """gguf variants are served by llama.cpp; every other model goes to the study's backend."""
+    return "llamacpp" if v.is_gguf else spec.backend
+
+
 def compress_checkpoint(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, Any]:
     from comptrust.compress.api import RECORD_NAME, compress, is_comptrust_checkpoint
 
+    if v.is_gguf:
+        from comptrust.compress import gguf
+
+        return gguf.stored_record(ckpt, v.settings) or gguf.prepare(spec.model, v.settings, ckpt)
     cfg = v.config(seed)
     if is_comptrust_checkpoint(ckpt):  # made by a run killed before it could record the unit
         rec = json.loads((ckpt / RECORD_NAME).read_text())
@@ -335,26 +352,26 @@ def compress_checkpoint(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> d
 
 
 def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opts: EvalOptions, out_dir: Path,
-                   store: Store, progress: bool | None, device: str | None = None) -> Any:
-    from comptrust.engine.hf import HFEngine
+                   store: Store, progress: bool | None, device: str | None = None, backend: str | None = None) -> Any:
+    from comptrust.engine.select import open_engine
     from comptrust.evaluate import evaluate
-    from comptrust.models import resolve
 
-    resolved = resolve(model_ref)
-    engine = HFEngine(resolved, device=device or spec.device, dtype=spec.dtype, batch_size=spec.batch_size)
-    info = resolved.describe() | {"engine": "hf", "device": engine.device, "dtype": engine.dtype}
-    try:
-        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False,
-                        store=store)
-    finally:
-        del engine
-        gc.collect()
+    device = device or spec.device
+    with open_engine(model_ref, backend or spec.backend, None if device == "auto" else device,
+                     None if spec.dtype == "auto" else spec.dtype, spec.batch_size) as (engine, info):
+        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=store)
 
 
 def load_study(out_dir: Path) -> StudySpec:
     path = Path(out_dir) / SPEC_NAME
     if not path.is_file():
         raise UsageError(f"{out_dir} is not a study directory (no {SPEC_NAME}); run comptrust study --out {out_dir}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is damaged ({e}); it is rewritten by rerunning the study with its YAML and "
+                         f"--out {out_dir}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is damaged (not a study); rerun the study with its YAML and --out {out_dir}")
     keep = {k: v for k, v in data.items() if k != "source"}
     return parse_spec(keep, str(path))

@@ -37,12 +37,14 @@ TOP_KEYS = {
     "seed": "evaluation seed: subsampling and sampling (default 0)",
     "device": "auto | cpu | cuda",
     "dtype": "auto | bfloat16 | float16 | float32",
-    "batch_size": "generation batch size (default 32)",
+    "batch_size": "prompts per generation batch (default: packed by a token budget)",
+    "backend": "auto | hf | vllm: the engine for dense and compressed checkpoints (gguf variants are always served "
+               "by llama.cpp)",
     "toxicity_scorer": "toxicity scorer name (default: the offline one)",
 }
 VARIANT_KEYS = {
     "name": "label in the report (default: built from the settings, e.g. gptq-w4)",
-    "method": f"dense or one of {', '.join(METHODS)}",
+    "method": f"dense, gguf or one of {', '.join(METHODS)}",
     "bits": "quantization bits, 2..8",
     "group_size": "weights per quantization scale (default 128; 0 = per row)",
     "sparsity": "pruning: fraction of zero weights in (0, 1)",
@@ -52,7 +54,10 @@ VARIANT_KEYS = {
     "seq_len": "max tokens per calibration sample",
     "awq_grid": "AWQ grid points",
     "seeds": "calibration seeds, e.g. [0, 1, 2] (default [0])",
+    "quant": "gguf: llama.cpp quantization of the model's GGUF (Q8_0, Q6_K, Q4_K_M, ...); omit to serve it as is",
+    "file": "gguf: a GGUF file to serve instead",
 }
+GGUF = "gguf"
 DEFAULT_VARIANTS: list[Any] = [
     "dense",
     {"method": "gptq", "bits": 8},
@@ -74,10 +79,23 @@ class Variant:
     method: str  # "dense" or a compression method
     settings: dict[str, Any] = field(default_factory=dict)  # CompressionConfig fields (without seed)
     seeds: tuple[int, ...] = (0,)
+    source: str | None = field(default=None, compare=False)  # gguf: the study's model (its GGUF is the source)
 
     @property
     def is_dense(self) -> bool:
         return self.method == DENSE
+
+    @property
+    def is_gguf(self) -> bool:
+        """Served by llama.cpp rather than loaded by the engine (see comptrust.compress.gguf)."""
+        return self.method == GGUF
+
+    def label(self, seed: int) -> str:
+        if self.is_gguf:
+            from comptrust.compress import gguf
+
+            return gguf.label(self.settings)
+        return self.config(seed).label()
 
     def config(self, seed: int) -> CompressionConfig:
         return CompressionConfig.build(method=self.method, seed=seed, **self.settings)
@@ -91,6 +109,10 @@ class Variant:
         16 x (1 - sparsity) for pruning (what a sparse format could save, not what a dense save does)."""
         if self.is_dense:
             return 16.0
+        if self.is_gguf:
+            from comptrust.compress import gguf
+
+            return gguf.nominal_bits(self.settings, self.source)
         cfg = self.config(self.seeds[0])
         if cfg.is_quantization:
             return float(cfg.bits or 16)
@@ -98,7 +120,11 @@ class Variant:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "method": self.method, "seeds": list(self.seeds)}
-        if not self.is_dense:
+        if self.is_gguf:
+            # bits: the llama.cpp type's nominal bits per weight (Q8_0 = 8.5), so gguf variants sit on the bits curve
+            d.update(bits=self.bits(), group_size=None, sparsity=None, structure=None,
+                     quant=self.settings.get("quant") or "as served")
+        elif not self.is_dense:
             cfg = self.config(self.seeds[0])
             d.update(bits=cfg.bits, group_size=cfg.group_size, sparsity=cfg.sparsity, structure=cfg.structure)
         d["bits_per_weight"] = self.bits()
@@ -127,7 +153,8 @@ class StudySpec:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
+    backend: str = "auto"
     toxicity_scorer: str | None = None
     source: str = "<default>"
 
@@ -141,7 +168,8 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["variants"] = [
-            {"name": v.name, "method": v.method, **v.settings, **({} if v.is_dense else {"seeds": list(v.seeds)})}
+            {"name": v.name, "method": v.method, **v.settings,
+             **({} if v.is_dense or v.is_gguf else {"seeds": list(v.seeds)})}
             for v in self.variants
         ]
         return d
@@ -211,6 +239,10 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
         return val
 
     spec.model = typed("model", (str,), "a model path or Hub id")
+    m = spec.model
+    if m and not m.startswith("openai:") and (m.startswith(("/", ".", "~")) or m.lower().endswith(".gguf")) \
+            and not Path(m).expanduser().exists():  # a local path that is not there: say so now, not per unit
+        raise fail(f"model: {m} does not exist (a .gguf file, a model directory, or a Hub id org/name)", "model")
     spec.suite = typed("suite", (str,), "mini or dt") or "mini"
     if spec.suite not in ("mini", "dt"):
         raise fail(f"suite: {spec.suite!r}; expected mini or dt", "suite")
@@ -239,6 +271,11 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     spec.device = typed("device", (str,), "auto, cpu or cuda") or "auto"
     spec.dtype = typed("dtype", (str,), "auto, bfloat16, float16 or float32") or "auto"
     spec.toxicity_scorer = typed("toxicity_scorer", (str,), "a scorer name")
+    from comptrust.engine import BACKENDS
+
+    spec.backend = typed("backend", (str,), " | ".join(BACKENDS)) or "auto"
+    if spec.backend not in BACKENDS:
+        raise fail(f"backend: {spec.backend!r}; expected one of {', '.join(BACKENDS)}", "backend")
 
     persp = data.get("perspectives", "all")
     if isinstance(persp, str):
@@ -257,7 +294,7 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
         raise fail("variants: expected a non-empty list ('dense', {method: gptq, bits: 4}, ...)", "variants")
     seen: dict[str, int] = {}
     for i, rv in enumerate(raw_variants):
-        v = _variant(rv, i, fail)
+        v = _variant(rv, i, fail, spec.model)
         if v.name in seen:
             raise fail(f"variants[{i}]: the name '{v.name}' is used twice (also variants[{seen[v.name]}]); "
                        "give one a 'name'", "variants", i)
@@ -269,7 +306,7 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     return spec
 
 
-def _variant(rv: Any, i: int, fail: Any) -> Variant:
+def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
     where = f"variants[{i}]"
     if isinstance(rv, str):
         rv = {"method": rv}
@@ -284,10 +321,16 @@ def _variant(rv: Any, i: int, fail: Any) -> Variant:
         if extra:
             raise fail(f"{where}: dense takes no compression settings (got {', '.join(extra)})", "variants", i)
         return Variant(str(rv.get("name") or DENSE), DENSE)
+    if method == GGUF:
+        return _gguf_variant(rv, i, fail, model)
     if method not in METHODS:
-        hint = difflib.get_close_matches(str(method), (DENSE, *METHODS), n=1)
+        hint = difflib.get_close_matches(str(method), (DENSE, GGUF, *METHODS), n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise fail(f"{where}: unknown method {method!r}{did}; valid: {DENSE}, {', '.join(METHODS)}", "variants", i, "method")
+        raise fail(f"{where}: unknown method {method!r}{did}; valid: {DENSE}, {GGUF}, {', '.join(METHODS)}",
+                   "variants", i, "method")
+    for k in ("quant", "file"):
+        if k in rv:
+            raise fail(f"{where}: {k} is a setting of gguf variants, not of {method}", "variants", i, k, "<key>")
     seeds = rv.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
@@ -301,6 +344,24 @@ def _variant(rv: Any, i: int, fail: Any) -> Variant:
         raise fail(f"{where}: {e}".replace("--", ""), "variants", i, bad) from None
     name = rv.get("name") or _auto_name(cfg)
     return Variant(str(name), method, settings, tuple(dict.fromkeys(seeds)))
+
+
+def _gguf_variant(rv: dict[str, Any], i: int, fail: Any, model: str | None) -> Variant:
+    from comptrust.compress import gguf
+
+    where = f"variants[{i}]"
+    if "seeds" in rv:
+        raise fail(f"{where}: gguf variants take no seeds (llama.cpp quantization uses no calibration data)",
+                   "variants", i, "seeds")
+    settings = {k: v for k, v in rv.items() if k not in ("name", "method")}
+    try:
+        gguf.check_settings(settings, model)
+    except UsageError as e:
+        bad = next((k for k in settings if str(e).startswith(k)), "method")
+        raise fail(f"{where}: {e}", "variants", i, bad) from None
+    if settings.get("quant"):
+        settings["quant"] = str(settings["quant"]).upper()
+    return Variant(str(rv.get("name") or gguf.auto_name(settings)), GGUF, settings, (0,), source=model)
 
 
 def _auto_name(cfg: CompressionConfig) -> str:
