@@ -47,6 +47,60 @@ def test_truncated_safetensors_exit_2(tmp_path):
     assert str(model) in line and "SafetensorError" in line
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("field, delta, needle", [("num_hidden_layers", 2, "declares weights the files do not hold"),
+                                                  ("intermediate_size", 64, "shapes do not match config.json")])
+def test_config_that_does_not_match_the_weights_exit_2(tmp_path, field, delta, needle):
+    """More layers than the weights hold would silently be random; other shapes would point to a hidden report."""
+    import json
+
+    from comptrust.models import resolve
+
+    model = tmp_path / "m"
+    shutil.copytree(Path(resolve(None).path), model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[field] += delta
+    (model / "config.json").write_text(json.dumps(cfg))
+    p = run("evaluate", "-p", "stereotype", "--limit", "1", "--model", str(model), "--out", str(tmp_path / "o"),
+            "--no-progress")
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = last_line(p)
+    assert str(model) in line and needle in line, line
+
+
+def test_scores_path_taken_by_a_folder_is_one_line(tmp_path):
+    out = tmp_path / "o"
+    (out / "scores.json").mkdir(parents=True)
+    p = run("evaluate", "-p", "ethics", "--limit", "1", "--out", str(out), "--no-progress")
+    assert p.returncode == 1
+    assert last_line(p) == f"error: cannot write {out / 'scores.json'}: Is a directory; work committed so far is kept"
+    assert (out / "comptrust.sqlite").is_file()
+
+
+def test_damaged_results_database_is_one_line(tmp_path):
+    out = tmp_path / "o"
+    assert run("evaluate", "-p", "ethics", "--limit", "1", "--out", str(out), "--no-progress").returncode == 0
+    db = out / "comptrust.sqlite"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    data[3 * page: 6 * page] = os.urandom(3 * page)  # header intact, table pages garbage
+    db.write_bytes(bytes(data))
+    for extra in ("comptrust.sqlite-wal", "comptrust.sqlite-shm"):
+        (out / extra).unlink(missing_ok=True)
+    p = run("evaluate", "-p", "ethics", "--limit", "1", "--out", str(out), "--no-progress")
+    assert p.returncode in (1, 2), p.stderr[-2000:]
+    line = last_line(p)
+    assert line.startswith("error:") and "comptrust.sqlite" in line, p.stderr[-2000:]
+
+
+def test_damaged_study_json_is_one_line(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "study.json").write_text("{broken")
+    p = run("study", "--status", str(d))
+    assert p.returncode == 2 and last_line(p).startswith(f"error: {d / 'study.json'} is damaged"), p.stderr
+
+
 def test_unwritable_output_directory_exit_2(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

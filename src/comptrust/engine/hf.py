@@ -460,9 +460,16 @@ class HFEngine:
             except ImportError:
                 pass
             try:
-                m = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+                m, loading = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
             except Exception as e:
-                raise UsageError(f"cannot load model weights from {path}: {type(e).__name__}: {str(e)[:300]}") from None
+                msg = " ".join(str(e).split())
+                if "ignore_mismatched_sizes" in msg:  # transformers points at a report it logged, which is hidden
+                    msg = "the weights' shapes do not match config.json"
+                raise UsageError(f"cannot load model weights from {path}: {type(e).__name__}: {msg[:300]}") from None
+            missing = [k for k in loading.get("missing_keys", []) if not k.endswith("lm_head.weight")]
+            if missing:  # transformers would fill them with random values and say so only in a hidden warning
+                raise UsageError(f"cannot load model weights from {path}: config.json declares weights the files do not "
+                                 f"hold ({len(missing)} missing, e.g. {missing[0]}); the config does not match the weights")
         m.to(self.device)
         m.eval()
         if m.config._attn_implementation != impl:

@@ -172,7 +172,8 @@ def resolve(spec: str | None) -> ResolvedModel:
     if spec is None or spec == "" or spec == "embedded":
         return _from_gguf("", embedded_gguf(), kind="embedded", name=EMBEDDED_NAME)
     if spec.startswith("openai:"):
-        raise UsageError("served models (openai:<url>#<name>) are not supported by this version yet")
+        raise UsageError(f"{spec} is a served model: it can be evaluated (comptrust evaluate -m {spec}) but has no "
+                         "weights here to load or compress; compress the weights, then serve the result")
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix.lower() == ".gguf" or p.open("rb").read(4) == b"GGUF":

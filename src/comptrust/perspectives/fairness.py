@@ -107,7 +107,8 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused on purpose
-        raise UsageError(f"{path}: cannot read as a plain numpy array ({' '.join(str(e).split())})") from None
+        why = "it holds pickled objects, which comptrust never loads" if "pickle" in str(e) else " ".join(str(e).split())
+        raise UsageError(f"{path}: cannot read as a plain numpy array ({why})") from None
     except Exception as e:  # noqa: BLE001 -- OSError, EOFError, or whatever numpy's parser of a corrupt header raises
         raise UsageError(f"{path}: unreadable numpy file ({' '.join(str(e).split()) or type(e).__name__})") from None
     if not isinstance(arr, np.ndarray):  # np.load opens a zip archive as an .npz mapping
