@@ -10,6 +10,8 @@
 #     bash bench/ray_gpu_study.sh run 2          # the study on 2 GPUs (then: run 1)
 #     bash bench/ray_gpu_study.sh compare 2      # wall times, speed-up, results.csv equal?
 #     bash bench/ray_gpu_study.sh all 2          # the three above in one go
+#   STUDY=default runs comptrust's default study (mini suites, 8 variants) instead of the lite-profile one;
+#   EXECUTOR=local runs the `run` step with the local executor (one GPU, no Ray) for the equality check.
 # Results go to $OUT (or ./ray-gpu-out): results_2gpu.csv, results_1gpu.csv, timings.json, the logs, report.html.
 set -euo pipefail
 # NVLink multicast stays off (device README): NCCL, PyTorch symmetric memory, NVSHMEM
@@ -50,14 +52,18 @@ if [ "$STEP" = setup ] || [ "$STEP" = all ]; then
     python3 -c "import ray, llmcompressor, profanity_check; print('ray', ray.__version__)"
 fi
 
-run() {  # run NAME GPUS: the study on a fresh Ray cluster that sees GPUS GPUs
+STUDY_ARGS=("$HOME/gpu-study.yaml")
+[ "${STUDY:-}" = default ] && STUDY_ARGS=()
+run() {  # run NAME GPUS: the study on a fresh Ray cluster that sees GPUS GPUs (or locally: EXECUTOR=local)
     local name=$1 gpus=$2 t0 t1
     local visible
     visible=$(seq -s, 0 $((gpus - 1)))
+    local how=(--executor ray --workers "$gpus")
+    [ "${EXECUTOR:-ray}" = local ] && how=(--executor local)
     rm -rf "$HOME/run-$name"  # a fresh study each time (a rerun would only resume)
     t0=$(date +%s.%N)
-    CUDA_VISIBLE_DEVICES=$visible ct study "$HOME/gpu-study.yaml" --out "$HOME/run-$name" --executor ray \
-        --workers "$gpus" --no-progress > "$OUT/study_$name.log" 2>&1 || echo "study $name exit $?" >> "$OUT/study_$name.log"
+    CUDA_VISIBLE_DEVICES=$visible ct study "${STUDY_ARGS[@]}" --out "$HOME/run-$name" "${how[@]}" \
+        --no-progress > "$OUT/study_$name.log" 2>&1 || echo "study $name exit $?" >> "$OUT/study_$name.log"
     t1=$(date +%s.%N)
     python3 -c "print(round($t1 - $t0, 1))" > "$OUT/wall_$name.txt"
     cp "$HOME/run-$name/results.csv" "$OUT/results_$name.csv" || true

