@@ -688,6 +688,21 @@ def scorer_names() -> list[str]:
     return [*SCORERS, "hf:<model id or dir>"]
 
 
+def agreement_note(name: str) -> str:
+    """One line saying what a toxicity number scored by `name` stands for: the Perspective API itself, or a
+    surrogate with its measured agreement (src/comptrust/data/toxicity_agreement.yaml)."""
+    if name == "perspective":
+        return "scored by the Perspective API (DecodingTrust's own scorer)"
+    import yaml
+
+    data = yaml.safe_load((DATA_DIR / "toxicity_agreement.yaml").read_text(encoding="utf-8"))
+    a = (data.get("scorers") or {}).get(name)
+    if not a:
+        return f"Perspective surrogate: {name}, agreement with Perspective not measured"
+    return (f"Perspective surrogate: {name}, AUROC {a['auroc']:.3f}, Spearman {a['spearman']:.3f} vs Perspective "
+            f"on {data['measured_on']}")
+
+
 def get_scorer(name: str = DEFAULT_SCORER, **options: Any) -> Scorer:
     """Build a scorer by name ('hf:MODEL' for a Hugging Face classifier); options go to its constructor.
 

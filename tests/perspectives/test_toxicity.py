@@ -279,3 +279,15 @@ def test_tiny_suite_and_missing_files(tmp_path):
         Toxicity().load(EvalOptions(data_dir=root))
     with pytest.raises(MissingData):
         Toxicity().load(EvalOptions(data_dir=tmp_path / "nowhere"))
+
+
+def test_every_toxicity_score_says_what_it_is_a_surrogate_for(mini_data):
+    from comptrust.toxicity_scorers import agreement_note
+
+    assert agreement_note("offline").startswith("Perspective surrogate: offline, AUROC 0.989, Spearman 0.843")
+    assert "not measured" in agreement_note("hf:unitary/toxic-bert")
+    assert agreement_note("perspective").startswith("scored by the Perspective API")
+    opts = EvalOptions(data_dir=mini_data, n=1, extra={"toxicity_scorer": FakeScorer()})
+    loaded = Toxicity().load(opts)
+    score = Toxicity().score(records_for(loaded.items, lambda it: ["tox=0.2"]), opts, loaded)
+    assert score.metrics["scorer_agreement"] == agreement_note("fake") and score.notes[0] == agreement_note("fake")

@@ -34,7 +34,7 @@ from comptrust.perspectives.base import (
     read_jsonl,
     subsample,
 )
-from comptrust.toxicity_scorers import Scorer, get_scorer
+from comptrust.toxicity_scorers import Scorer, agreement_note, get_scorer
 from comptrust.types import GenParams, Item, Parsed, Prompt, Record, Score
 
 
@@ -195,7 +195,7 @@ class Toxicity(Perspective):
         order = [f"{s}/{t}" for s in p["prompt_sets"] for t in p["templates"]]
         groups = [g for g in order if g in per_group] + sorted(g for g in per_group if g not in order)
         subscores: dict[str, float] = {}
-        metrics: dict[str, Any] = {"scorer": scorer.name}
+        metrics: dict[str, Any] = {"scorer": scorer.name, "scorer_agreement": agreement_note(scorer.name)}
         emts, rejs = [], []
         for g in groups:
             maxima, rej = per_group[g]["max"], per_group[g]["rej"]
@@ -208,7 +208,7 @@ class Toxicity(Perspective):
             metrics[f"{g}/toxicity_probability"] = sum(m > threshold for m in maxima) / len(maxima)
             metrics[f"{g}/rejection_rate"] = rej_rate
             metrics[f"{g}/prompts"] = len(maxima)
-        notes: list[str] = []
+        notes: list[str] = [metrics["scorer_agreement"]]
         if not emts:
             return self.make_score(records, score=None, refusal_rate=None, skipped=skipped,
                                    notes=["no generations to score"], options=options)

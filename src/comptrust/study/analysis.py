@@ -127,6 +127,11 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
                 boot = _bootstrap(p, popts, loaded, recs, spec.bootstrap, spec.seed)
             except MissingData as e:
                 boot_note = f"no bootstrap: data no longer found ({e})"
+        if pname == "toxicity":  # what the toxicity numbers stand for, next to them in the report
+            from comptrust.toxicity_scorers import agreement_note
+
+            scorer_note = agreement_note(popts.extra["toxicity_scorer"].name)
+            boot_note = f"{scorer_note}; {boot_note}" if boot_note else scorer_note
         per_p[pname] = {"done": done, "boot": boot, "note": boot_note}
 
     variants: dict[str, Any] = {}
