@@ -55,7 +55,7 @@ from comptrust.perspectives.advglue import AdvGlue  # noqa: E402
 from comptrust.perspectives.base import EvalOptions  # noqa: E402
 from comptrust.perspectives.mmlu import MMLU  # noqa: E402
 from comptrust.perspectives.stereotype import Stereotype  # noqa: E402
-from comptrust.types import Prompt  # noqa: E402
+from comptrust.types import GenParams, Prompt  # noqa: E402
 
 DATASHEET = {  # dense bf16 tensor FLOP/s, HBM bytes/s (vendor figures, SXM parts)
     "H100": (989e12, 3.35e12),
@@ -88,6 +88,25 @@ def build_items(n_items: int, dt: Path, mmlu: Path) -> dict[str, list[Prompt]]:
             items = cls().load(EvalOptions(data_dir=dt, profile="lite", limit=-(-per // 57) + 1, mmlu_dir=mmlu)).items
         out[name] = [it.prompt for it in evenly(items, per)]
     return out
+
+
+def synthetic_items(spec: str, n_items: int, tok_dir: Path) -> dict[str, list[Prompt]]:
+    """PxN: n_items raw prompts of P tokens of filler words, N new tokens each (greedy; random-weight models ignore
+    EOS, so every output is N tokens): the fixed-shape workload of ../shared/docs/gpu-recipes.md's anchor (160x128),
+    to compare decode speed at a given batch size without the DecodingTrust mix's long few-shot prompts."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    p_len, n_new = (int(x) for x in spec.lower().split("x"))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    words = "model trust compression quantization evaluation prompt token batch kernel memory bandwidth".split()
+    rng = random.Random(0)
+    out = []
+    for _ in range(n_items):
+        ids = tok(" ".join(rng.choice(words) for _ in range(2 * p_len)), add_special_tokens=False)["input_ids"]
+        out.append(Prompt(raw=tok.decode(ids[:p_len]), params=GenParams(max_new_tokens=n_new)))
+    return {"synthetic": out}
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -319,6 +338,8 @@ def main() -> None:
     ap.add_argument("--skip-subset", action="store_true", help="don't also run the engines on the reference's items")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--tag", help="file name suffix (default: cpu, or the GPU name)")
+    ap.add_argument("--synthetic", help="PxN: --n-items raw prompts of P tokens with N new tokens each (e.g. 160x128, "
+                    "the gpu-recipes anchor) instead of DecodingTrust items; pair with --batch-size 64")
     args = ap.parse_args()
 
     from comptrust.engine.hf import pick_device
@@ -327,7 +348,10 @@ def main() -> None:
     dt, mm = default_data()
     dt, mm = args.data_dir or dt, args.mmlu_dir or mm
     t0 = time.time()
-    sets = build_items(args.n_items, dt, mm)
+    if args.synthetic:
+        sets = synthetic_items(args.synthetic, args.n_items, args.tokenizer or resolve(None).path)
+    else:
+        sets = build_items(args.n_items, dt, mm)
     prompts = [p for v in sets.values() for p in v]
     ref_sets = {k: evenly(v, max(1, args.ref_items // 3)) for k, v in sets.items()}
     ref_prompts = [p for v in ref_sets.values() for p in v]
