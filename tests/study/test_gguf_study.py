@@ -15,7 +15,7 @@ from comptrust.serve.llamacpp import llama_cpp_available
 pytestmark = pytest.mark.model
 
 STUDY = """\
-perspectives: [stereotype]
+perspectives: [ethics]
 limit: 1
 bootstrap: 50
 variants:
@@ -49,7 +49,7 @@ def test_gguf_variants_are_served_quantized_and_reported(gguf_study):
     doc = json.loads((out / "results.json").read_text())
     units = {u["unit"]: u for u in doc["units"]}
     for inst in ("dense", "gguf@s0", "gguf-q8_0@s0"):
-        assert units[f"eval:{inst}:stereotype"]["status"] == "done", units[f"eval:{inst}:stereotype"]
+        assert units[f"eval:{inst}:ethics"]["status"] == "done", units[f"eval:{inst}:ethics"]
     variants = doc["analysis"]["variants"]
     assert variants["gguf-q8_0"]["describe"]["bits"] == 8.5 and variants["gguf"]["describe"]["bits"] == 5.0
     html = (out / "report.html").read_text()
