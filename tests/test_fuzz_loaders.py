@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,22 +28,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from comptrust.errors import UsageError
 from comptrust.perspectives import get
 from comptrust.perspectives.base import EvalOptions, MissingData
 from comptrust.types import Record, sha256_text
-from tests.test_fuzz_parsers import HashScorer, fuzz_counter
-
-MINI = Path(__file__).resolve().parents[1] / "src" / "comptrust" / "suites" / "mini"
-EXAMPLES = int(os.environ.get("COMPTRUST_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+from tests.test_fuzz_parsers import FUZZ, MINI, HashScorer, fuzz_counter
 COUNTS: dict[str, int] = {}
 
 # (perspective, data file relative to the data folder); the fairness crime label file doubles as its sensitive file

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,24 @@ GGUF_BITS = {
 
 def source_gguf(model: str | None) -> Path:
     """The GGUF a gguf variant starts from: the study's model when it is a .gguf file, else the embedded one."""
-    from comptrust.models.resolve import embedded_gguf
+    from comptrust.models.resolve import gguf_file
 
-    if model is None:
-        return embedded_gguf()
-    path = Path(model).expanduser()
-    if path.suffix.lower() != ".gguf":
-        raise UsageError(f"gguf variants need a GGUF model (the embedded one, or model: a .gguf file); "
-                         f"{model} is not one (give the variant a file: instead)")
-    if not path.is_file():
-        raise UsageError(f"model {model}: no such GGUF file")
-    return path
+    return gguf_file(model, "gguf variants need a GGUF model (the embedded one, or model: a .gguf file); "
+                     "{spec} is not one (give the variant a file: instead)", "model {spec}: no such GGUF file")
 
 
 def main_type(path: Path) -> str | None:
     """The tensor type that most of a GGUF's tensors have (its quantization, for the report)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _main_type(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _main_type(path: str, size: int, mtime_ns: int) -> str | None:
+    """Read once per file version: Variant.bits() asks for every sort, description and recommendation."""
     from comptrust.serve.llamacpp import gguf_tensor_types
 
     try:

@@ -73,6 +73,10 @@ class CachedEngine:
             # biggest batch fails fast if memory is short, and lengths inside a chunk are close
             misses.sort(key=lambda i: (json.dumps(prompts[i].params.key(), sort_keys=True), -len(rendered[i])))
             t0 = time.time()
+
+            def row(i: int, g: Generation) -> tuple:
+                return (keys[i], fp, rendered[i], prompts[i].params, list(g.texts), list(g.n_tokens))
+
             for c in range(0, len(misses), self.chunk_size):
                 chunk = misses[c : c + self.chunk_size]
                 try:
@@ -80,17 +84,14 @@ class CachedEngine:
                 except Exception as e:
                     # an engine that fails part-way (a served model whose endpoint gave up) may say what did
                     # finish: commit those before the error travels on, so a rerun does not ask for them again
-                    done = [(i, g) for i, g in zip(chunk, getattr(e, "partial", None) or []) if g is not None]
+                    done = [row(i, g) for i, g in zip(chunk, getattr(e, "partial", None) or []) if g is not None]
                     if done:
-                        self.store.put_generations(
-                            [(keys[i], fp, rendered[i], prompts[i].params, list(g.texts), list(g.n_tokens))
-                             for i, g in done]
-                        )
+                        self.store.put_generations(done)
                     raise
                 rows = []
                 for i, g in zip(chunk, gens):
                     results[keys[i]] = g
-                    rows.append((keys[i], fp, rendered[i], prompts[i].params, list(g.texts), list(g.n_tokens)))
+                    rows.append(row(i, g))
                 self.store.put_generations(rows)
                 ntok = sum(sum(g.n_tokens) for g in gens)
                 self.stats.generated += len(chunk)

@@ -29,16 +29,10 @@ BACKENDS = (*WEIGHT_BACKENDS, "llamacpp")  # llamacpp: the model is served, not 
 
 def gguf_source(model: str | None) -> Path:
     """The GGUF file a llama.cpp backend serves: --model when it is one, the embedded model's when omitted."""
-    from comptrust.models.resolve import embedded_gguf
+    from comptrust.models.resolve import gguf_file
 
-    if model is None:
-        return embedded_gguf()
-    path = Path(model).expanduser()
-    if path.suffix.lower() != ".gguf":
-        raise UsageError(f"--backend llamacpp serves GGUF files; --model {model} is not a .gguf file")
-    if not path.is_file():
-        raise UsageError(f"--model {model}: no such GGUF file")
-    return path
+    return gguf_file(model, "--backend llamacpp serves GGUF files; --model {spec} is not a .gguf file",
+                     "--model {spec}: no such GGUF file")
 
 
 @contextlib.contextmanager

