@@ -14,8 +14,13 @@ n/3 stereotype prompts (sampled, temperature 1, up to 150 new tokens), n/3 AdvGL
 The roofline: per decode step the weights are read once (bytes / memory bandwidth), every token costs
 2 x parameters FLOPs (FLOPs / peak compute); bandwidth and peak are measured here (a large copy, a large bf16
 matrix product), the datasheet figures are printed beside them on a GPU. The fraction of roofline of a run is
-(the time its own work needs at those limits) / (the time it took); KV-cache reads and attention FLOPs are left
-out, so the fraction is an upper bound at large batches.
+(the time its own work needs at those limits) / (the time it took). Two figures: weights only, and weights plus
+the K/V-cache slots the decode steps had to read (the slots each row can see, as the engine counts them).
+
+Variants (--variants, comma-separated): hf (the engine as shipped), hf-compile (COMPTRUST_COMPILE=on: the GPU
+decode step under torch.compile), hf-nocompile, hf-nographs, hf-compact, hf-noshare, hf-share, hf-generate
+(transformers' generate() in batches), vllm. Each engine is warmed up first (compiling included; the warm-up time
+is printed, not counted).
 
     python bench/throughput.py --device cpu --n-items 600 --ref-items 48
     python bench/throughput.py --device cuda --model llama2-7b-random --ref-items 24
@@ -316,6 +321,8 @@ VARIANTS = {
     "hf-noshare": {"prefix_sharing": False},
     "hf-share": {"prefix_sharing": True},
     "hf-nographs": {"cuda_graphs": False},
+    "hf-nocompile": {"compile": "off"},
+    "hf-compile": {"compile": "on"},
     "hf-compact": {"loop": "compact"},
     "hf-generate": {"loop": "hf", "prefix_sharing": False},
 }
@@ -402,8 +409,16 @@ def main() -> None:
         reference_loop(eng, ref_prompts[:1], fixed)  # warm-up
         c, secs, mem = measure(device, lambda: reference_loop(eng, ref_prompts, fixed))
         add("reference loop (bs=1, 1e-7 sampling, scores on)", ref_prompts, secs, mem, c)
-    # engine warm-up (kernels, allocator, tokenizer caches)
-    eng.generate([p for v in sets.values() for p in v[:2]])
+    def warm(e) -> None:
+        """Kernels, allocator, tokenizer caches; and torch.compile's two compiles (a first batch shape, then a
+        second that makes the shapes dynamic), so the timed run measures steady state. Printed, not hidden."""
+        t0 = time.perf_counter()
+        e.generate([p for v in sets.values() for p in v[:2]])
+        if getattr(e, "_decode_fwd", None) not in (None, getattr(e, "_model", None)):
+            e.generate(prompts[: args.batch_size or 64])
+        print(f"  warm-up {time.perf_counter() - t0:.1f} s ({', '.join(getattr(e, 'notes', [])) or 'no notes'})", flush=True)
+
+    warm(eng)
 
     engines: list[tuple[str, object]] = []
     for v in [x.strip() for x in args.variants.split(",") if x.strip()]:
@@ -424,7 +439,7 @@ def main() -> None:
             engines.append((v, eng))
         else:
             e = HFEngine(resolved, preloaded=model, **(base_kw | VARIANTS[v]))
-            e.model  # noqa: B018
+            warm(e)
             engines.append((v, e))
     for name, e in engines:
         runs = [("all", prompts)] + ([] if args.skip_subset else [("ref subset", ref_prompts)])

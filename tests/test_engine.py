@@ -132,3 +132,68 @@ def test_static_loop_matches_transformers_generate(engine_fp32):
     finally:
         engine_fp32.loop, engine_fp32.prefix_sharing = "auto", True
     assert [g.texts for g in ours] == [g.texts for g in ref] == [g.texts for g in plain]
+
+
+def test_compile_setting_is_checked_and_auto_stays_eager_on_the_cpu(engine_fp32):
+    """--compile values are checked up front; "auto" compiles only on CUDA (and only big models), so the CPU
+    static loop runs the plain model."""
+    from comptrust.errors import UsageError
+
+    with pytest.raises(UsageError, match="compile setting 'fast'"):
+        HFEngine(resolve(None), compile="fast")
+    engine_fp32.loop = "static"
+    try:
+        engine_fp32.generate([_greedy(QUESTIONS[1], 4)])
+    finally:
+        engine_fp32.loop = "auto"
+    assert engine_fp32.compile == "auto"
+    assert engine_fp32._decode_fwd is engine_fp32.model
+    assert not any("compiled" in n for n in engine_fp32.notes)
+
+
+def test_decode_mask_rows_reads_every_mask_form():
+    """The visible slots the Triton decode kernel gets, from each mask form transformers may pass."""
+    import torch
+
+    from comptrust.engine.hf import _decode_mask_rows
+
+    want = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    bool4 = want[:, None, None, :].clone()
+    add4 = torch.zeros(2, 1, 1, 4).masked_fill(~bool4, torch.finfo(torch.float32).min)
+    assert torch.equal(_decode_mask_rows(bool4, 2, 4), want)
+    assert torch.equal(_decode_mask_rows(add4, 2, 4), want)
+    assert torch.equal(_decode_mask_rows(want.long(), 2, 4), want)
+    assert torch.equal(_decode_mask_rows(bool4, 2, 3), want[:, :3])  # only the slots the keys have
+    assert torch.equal(_decode_mask_rows(want[:1, None, None, :], 2, 4), want[:1].expand(2, 4))
+    assert _decode_mask_rows(None, 2, 4) is None
+
+
+def test_compiled_decode_step_compiles_twice_at_most_and_keeps_outputs(engine_fp32, monkeypatch):
+    """COMPTRUST_COMPILE=on: batches of new shapes and new caches (and a compaction) do not recompile the decode
+    step beyond the first shape-specialised graph and one dynamic one, and greedy outputs stay those of the plain
+    static loop. Traced with dynamo's eager backend (guards and recompiles are dynamo's; no code generation)."""
+    import torch
+
+    monkeypatch.setenv("COMPTRUST_COMPILE_BACKEND", "eager")
+    prompts = [_greedy(q, 10) for q in QUESTIONS]
+    engine_fp32.loop = "static"
+    try:
+        ref = [g.texts for g in engine_fp32.generate(prompts)]
+        eng = HFEngine(resolve(None), dtype="float32", batch_size=8, loop="static", compile="on")
+        eng._model = engine_fp32.model  # same weights, no second load
+        eng._base_attn, eng.eos_ids, eng.top_k, eng._plain = (engine_fp32._base_attn, engine_fp32.eos_ids,
+                                                              engine_fp32.top_k, engine_fp32._plain)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        got = [g.texts for g in eng.generate(prompts)]  # 4 rows
+        first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        eng.generate(prompts[:2])  # other shapes
+        eng.generate(prompts[1:4] + [_greedy("Count to twenty, please.", 30)])  # new widths, compaction
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        engine_fp32.loop = "auto"
+        torch._dynamo.reset()
+    assert "decode step compiled with torch.compile" in eng.notes
+    assert got == ref
+    # rows and cache width are dynamic from the start; a batch of one row is torch's own 0/1 special case
+    assert first == 1 and graphs <= 2, (first, graphs)

@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 LOOPS = ("auto", "compact", "static", "hf")
+# torch.compile of the static loop's decode step (CUDA only, opt-in: COMPTRUST_COMPILE=on). It fuses the norms,
+# rotary embedding, activation and residual adds that otherwise run as ~900 small kernels per Llama-2-7B step:
+# 7B at 64 rows x 160+128 tokens on an H100, 4,068 -> 5,110 tok/s. But every new batch brings a new static cache
+# (transformers marks its tensors as static addresses, which the compiled code is specialised on) and new
+# shapes, so on the DecodingTrust mix it recompiled all the time: 14.7 s -> 120.6 s (+237 s of warm-up).
+# "auto" (the default) therefore leaves it off; it pays only for long runs of one batch shape.
+COMPILE_MODES = ("auto", "on", "off")
 ATTN_NAME = "comptrust_sdpa"  # SDPA whose one-token decode step reads grouped KV heads without copying them
 
 CPU_TOKEN_BUDGET = 48_000
@@ -269,6 +276,23 @@ def prefill_groups(ctx_lens: Sequence[int], tok_lens: Sequence[int], max_tokens:
     return out
 
 
+def init_static_layer(lay, keys, values) -> None:
+    """Give a transformers StaticLayer its K/V tensors (kept as given: the layer writes into them in place).
+
+    Unlike StaticLayer.lazy_initialization, the tensors are not marked as static addresses for torch.compile:
+    compiled code is specialised on such tensors, and every batch brings a new cache, so a compiled decode step
+    recompiled for each batch (bench/results/throughput_h100_llama2-7b-random.md). As plain inputs they only
+    make the batch and cache dimensions dynamic, once."""
+    import torch
+
+    lay.dtype, lay.device = keys.dtype, keys.device
+    lay.batch_size, lay.num_heads = keys.shape[:2]
+    lay.k_head_dim, lay.v_head_dim = keys.shape[-1], values.shape[-1]
+    lay.keys, lay.values = keys, values
+    lay.cumulative_length = torch.zeros((), dtype=torch.long, device=keys.device)
+    lay.is_initialized = True
+
+
 # -- counter-based sampling -----------------------------------------------------------------------------------
 M31 = 0x7FFF_FFFF
 
@@ -327,15 +351,62 @@ def sample_next(logits, params: GenParams, top_k: int | None, seed_lo, seed_hi, 
 _ATTN_REGISTERED = False
 
 
+DECODE_ATTN = os.environ.get("COMPTRUST_DECODE_ATTN", "auto")  # auto (Triton on CUDA when it imports) | sdpa
+
+
+def _decode_mask_rows(attention_mask, b: int, kv_len: int):
+    """The visible slots of each row's last query, [b, kv_len] bool, from the mask transformers hands the
+    attention function (a 4D bool mask, an additive float mask, or None = all visible)."""
+    import torch
+
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:
+        m = m[:, 0, -1, :kv_len]
+    elif m.dim() == 2:
+        m = m[:, :kv_len]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
+    return m.expand(b, kv_len) if m.shape[0] != b else m
+
+
+def _use_triton_decode(module, query, kwargs) -> bool:
+    if DECODE_ATTN == "sdpa" or not query.is_cuda:
+        return False
+    import torch
+
+    if torch.compiler.is_compiling():  # compiled decode steps use SDPA: with the kernel inside, the DecodingTrust
+        return False  # mix spent minutes recompiling on an H100 (and the compiled synthetic step gained nothing)
+    if kwargs.get("position_bias") is not None or getattr(module, "sliding_window", None):
+        return False
+    cfg = getattr(module, "config", None)
+    if cfg is not None and getattr(cfg, "attn_logit_softcapping", None):
+        return False
+    from comptrust.engine import triton_attn
+
+    return triton_attn.available() and query.shape[-1] in (16, 32, 64, 128, 256)
+
+
 def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, except for one-token decode steps with grouped KV heads: the query heads
-    of a KV head are laid out as that head's query rows, so K and V are read once instead of being copied
-    num_key_value_groups times (transformers copies them whenever a mask is given)."""
+    """transformers' SDPA attention, except for one-token decode steps. On CUDA those go to a Triton
+    flash-decoding kernel (engine/triton_attn.py) that reads only the K/V slots the mask shows and each KV
+    head once; elsewhere, with grouped KV heads, the query heads of a KV head are laid out as that head's query
+    rows, so K and V are read once instead of being copied num_key_value_groups times (transformers copies
+    them whenever a mask is given). COMPTRUST_DECODE_ATTN=sdpa turns the Triton kernel off."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
+    if q_len == 1 and _use_triton_decode(module, query, kwargs):
+        from comptrust.engine import triton_attn
+
+        rows = _decode_mask_rows(attention_mask, b, key.shape[2])
+        if rows is None:
+            rows = torch.ones((b, key.shape[2]), dtype=torch.bool, device=query.device)
+        out = triton_attn.decode_attention(query, key, value, rows, scaling)
+        return out.transpose(1, 2), None
     if q_len != 1 or hkv == hq or kwargs.get("position_bias") is not None or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q = query.reshape(b, hkv, hq // hkv, d)
@@ -383,6 +454,7 @@ class HFEngine:
         cuda_graphs: bool = True,
         preloaded: Any = None,
         ignore_eos: bool = False,
+        compile: str | None = None,
     ):
         self.resolved = model
         self.device = pick_device(device)
@@ -403,6 +475,10 @@ class HFEngine:
         # items) or worse (SmolLM2-135M: 5.2 s vs 3.0 s): smaller prefill forwards, more copies. Default: CPU only.
         self.prefix_sharing = (not self.device.startswith("cuda")) if prefix_sharing is None else prefix_sharing
         self.cuda_graphs = cuda_graphs
+        self.compile = compile or os.environ.get("COMPTRUST_COMPILE", "auto")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(f"compile setting {self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self._decode_fwd = None
         self.ignore_eos = ignore_eos  # benchmarks with random weights: fixed output lengths
         self._preloaded = preloaded
         self.top_k: int | None = None
@@ -645,9 +721,7 @@ class HFEngine:
                 h, d_k, d_v = like_k.shape[-3], like_k.shape[-1], like_v.shape[-1]
                 if static:
                     lay = cache.layers[layer]
-                    lay.lazy_initialization(
-                        like_k.new_zeros((rows, h, 1, d_k)), like_v.new_zeros((rows, h, 1, d_v))
-                    )
+                    init_static_layer(lay, like_k.new_zeros((rows, h, total, d_k)), like_v.new_zeros((rows, h, total, d_v)))
                     dest[layer] = (lay.keys, lay.values)
                 else:
                     dest[layer] = (like_k.new_zeros((rows, h, width, d_k)), like_v.new_zeros((rows, h, width, d_v)))
@@ -854,6 +928,7 @@ class HFEngine:
             "seed_hi": seed_hi,
             "rowmap": torch.arange(rows, device=dev),
             "cache": cache,
+            "kv_seen": torch.zeros((), dtype=torch.long, device=dev),  # visible K/V slots summed over steps
         }
         s["mask"][:, 0, 0, :width] = mask2.bool()
         ar = torch.arange(total, device=dev)
@@ -864,13 +939,16 @@ class HFEngine:
         s["ids"] = nxt[:, None].clone()
         s["step"] += 1
         self._set_attn(self.attn or ATTN_NAME)
-        model, top_k = self.model, self.top_k
+        model, top_k = self._decode_forward(), self.top_k
         pad_t = torch.tensor(pad, dtype=torch.long, device=dev)
+        if model is not self.model:  # compiled: batch rows and cache width are dynamic from the first compile on
+            self._mark_dynamic(s)
 
         def step_fn(s=s):
             s["pos"].add_(1)
             col = s["cache"].layers[0].cumulative_length
             s["mask"].logical_or_((ar == col).view(1, 1, 1, total))
+            s["kv_seen"].add_(s["mask"].sum())
             lg = model(
                 input_ids=s["ids"], attention_mask=s["mask"], position_ids=s["pos"],
                 past_key_values=s["cache"], use_cache=True,
@@ -893,7 +971,6 @@ class HFEngine:
                 done_steps += 1  # the capture's warm-up ran one real step
                 self.counters["decode_steps"] += 1
                 self.counters["decode_row_steps"] += cur
-                self.counters["decode_kv_slots"] += cur * total
                 if graph is None:
                     use_graphs = False
                 continue
@@ -904,7 +981,6 @@ class HFEngine:
             done_steps += 1
             self.counters["decode_steps"] += 1
             self.counters["decode_row_steps"] += cur
-            self.counters["decode_kv_slots"] += cur * total
             if done_steps % check == 0 and done_steps < max_new and self.eos_ids:
                 alive = int((~s["finished"]).sum())
                 if alive == 0:
@@ -913,12 +989,57 @@ class HFEngine:
                     out_all[s["rowmap"]] = s["out"]
                     keep = (~s["finished"]).nonzero().squeeze(1)
                     self._compact_static(s, keep, total)
+                    if model is not self.model:
+                        self._mark_dynamic(s)
                     graph = None  # recapture for the new shape
                     self.counters["compactions"] += 1
         out_all[s["rowmap"]] = s["out"]
         if self.on_cuda:
             torch.cuda.synchronize(dev)
+        self.counters["decode_kv_slots"] += int(s["kv_seen"])  # the slots a row can see, not the padded width
         return out_all.cpu().tolist()
+
+    @staticmethod
+    def _mark_dynamic(s: dict) -> None:
+        import torch
+
+        mark = torch._dynamo.maybe_mark_dynamic
+        for t, dims in ((s["ids"], (0,)), (s["pos"], (0,)), (s["mask"], (0, 3))):
+            for d in dims:
+                mark(t, d)
+        for lay in s["cache"].layers:
+            for t in (lay.keys, lay.values):
+                mark(t, 0)
+                mark(t, 2)
+
+    def _decode_forward(self):
+        """The model, or its forward under torch.compile (default mode) where self.compile says so."""
+        if self._decode_fwd is not None:
+            return self._decode_fwd
+        if self.compile != "on":
+            self._decode_fwd = self.model
+            return self._decode_fwd
+        import torch
+
+        # COMPTRUST_COMPILE_BACKEND: tests trace with "eager" (dynamo's guards and recompiles, no code generation)
+        compiled = torch.compile(self.model.forward, backend=os.environ.get("COMPTRUST_COMPILE_BACKEND", "inductor"))
+        model = self.model
+
+        def forward(**kw):
+            if self._decode_fwd is model:
+                return model(**kw)
+            try:
+                return compiled(**kw)
+            except Exception as e:  # compiling failed: it fails before the step runs, so the step is run eagerly
+                msg = f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:200]}); decoding eagerly"
+                log.warning(msg)
+                self.notes.append(msg)
+                self._decode_fwd = model
+                return model(**kw)
+
+        self._decode_fwd = forward
+        self.notes.append("decode step compiled with torch.compile")
+        return forward
 
     def _compact_static(self, s: dict, keep, total: int) -> None:
         from transformers import StaticCache
@@ -926,9 +1047,7 @@ class HFEngine:
         old = s["cache"]
         new = StaticCache(config=self.model.config, max_cache_len=total)
         for lo, ln in zip(old.layers, new.layers):
-            ln.lazy_initialization(lo.keys[keep][:, :, :1], lo.values[keep][:, :, :1])
-            ln.keys.copy_(lo.keys[keep])
-            ln.values.copy_(lo.values[keep])
+            init_static_layer(ln, lo.keys[keep], lo.values[keep])
             ln.cumulative_length.copy_(lo.cumulative_length)
         s["cache"] = new
         for k in ("mask", "pos", "out", "finished", "ids", "rowmap"):
