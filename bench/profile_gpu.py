@@ -148,58 +148,70 @@ def sweep_triton(lines, cfg, rows, width, visible) -> None:
     lines.append(f"\nKept BT={best[1]}, warps={best[2]}, programs/SM={best[3]}, stages={best[4]}.")
 
 
+class DecodeStep:
+    """One decode step at `rows` rows on a static cache of `width` slots (random K/V) of which `visible` are
+    visible, as the engine's static loop runs it mid-batch; `reset()` rewinds the cache's write position."""
+
+    def __init__(self, model, rows: int, width: int, visible: int, fwd=None):
+        from transformers import StaticCache
+
+        cfg = model.config
+        hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.cache = StaticCache(config=cfg, max_cache_len=width)
+        for lay in self.cache.layers:
+            kv = [torch.randn(rows, hkv, width, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            hfmod.init_static_layer(lay, *kv)
+        ar = torch.arange(width, device="cuda")
+        self.mask = (ar < visible).view(1, 1, 1, width).expand(rows, 1, 1, width).contiguous()
+        self.ids = torch.randint(0, cfg.vocab_size, (rows, 1), device="cuda")
+        self.pos = torch.full((rows, 1), visible - 1, device="cuda")
+        self.visible = visible
+        self.fwd = fwd or model
+        self.reset()
+
+    def reset(self) -> None:
+        for lay in self.cache.layers:
+            lay.cumulative_length.fill_(self.visible - 1)
+
+    def __call__(self):
+        return self.fwd(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
+                        past_key_values=self.cache, use_cache=True).logits
+
+    def graph_seconds(self) -> float:
+        """The step captured as a CUDA graph (after a warm-up on a side stream, as the engine does): seconds per
+        replay, the cache rewinds subtracted."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self.reset()
+            self()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self()
+        t = cuda_time(lambda: (self.reset(), graph.replay()), reps=30, graph=False)
+        return t - cuda_time(self.reset, reps=30, graph=False)
+
+
 def compiled_step(lines, model, rows, width, visible) -> None:
     """The same step through torch.compile (default mode: pointwise fusion, cuBLAS matmuls), then captured as
     a CUDA graph by hand as the engine does."""
-    from transformers import StaticCache
-
-    cfg = model.config
-    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    cache = StaticCache(config=cfg, max_cache_len=width)
-    for lay in cache.layers:
-        z = torch.zeros(rows, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
-        lay.lazy_initialization(z, z)
-        lay.keys.normal_()
-        lay.values.normal_()
-    ar = torch.arange(width, device="cuda")
-    mask = (ar < visible).view(1, 1, 1, width).expand(rows, 1, 1, width).contiguous()
-    ids = torch.randint(0, cfg.vocab_size, (rows, 1), device="cuda")
-    pos = torch.full((rows, 1), visible - 1, device="cuda")
-
-    def reset():
-        for lay in cache.layers:
-            lay.cumulative_length.fill_(visible - 1)
-
     lines.append(f"\n## 5. The step under torch.compile (default mode), {rows} rows, {visible}/{width} visible\n")
     lines.append("| attention | compile s | CUDA-graph step ms | tok/s |")
     lines.append("|---|---|---|---|")
     for mode in ("sdpa", "auto"):
         hfmod.DECODE_ATTN = mode
         torch._dynamo.reset()
-        fwd = torch.compile(model.forward)
-
-        def step():
-            return fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
+        step = DecodeStep(model, rows, width, visible, fwd=torch.compile(model.forward))
         try:
             with torch.no_grad():
                 t0 = time.perf_counter()
                 for _ in range(3):
-                    reset()
+                    step.reset()
                     step()
                 torch.cuda.synchronize()
                 secs = time.perf_counter() - t0
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    reset()
-                    step()
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                t = cuda_time(lambda: (reset(), graph.replay()), reps=30, graph=False) - cuda_time(reset, reps=30, graph=False)
-                del graph
+                t = step.graph_seconds()
             lines.append(f"| {mode} | {secs:.0f} | {t * 1e3:.2f} | {rows / t:.0f} |")
         except Exception as e:
             lines.append(f"| {mode} | failed: {type(e).__name__}: {str(e)[:150]} | | |")
@@ -256,28 +268,8 @@ def category(name: str) -> str:
 
 
 def step_profile(lines, model, rows, width, visible):
-    from transformers import StaticCache
-
-    cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=width)
-    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    for lay in cache.layers:
-        z = torch.zeros(rows, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
-        lay.lazy_initialization(z, z)
-        lay.keys.normal_()
-        lay.values.normal_()
-        lay.cumulative_length.fill_(visible - 1)
-    ar = torch.arange(width, device="cuda")
-    mask = (ar < visible).view(1, 1, 1, width).expand(rows, 1, 1, width).contiguous()
-    ids = torch.randint(0, cfg.vocab_size, (rows, 1), device="cuda")
-    pos = torch.full((rows, 1), visible - 1, device="cuda")
-
-    def reset():
-        for lay in cache.layers:
-            lay.cumulative_length.fill_(visible - 1)
-
-    def step():
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    step = DecodeStep(model, rows, width, visible)
+    reset = step.reset
 
     model.set_attn_implementation(hfmod.ATTN_NAME)
     lines.append(f"\n## 4. One decode step of the whole model: {rows} rows, {visible} of {width} slots visible\n")
@@ -303,20 +295,8 @@ def step_profile(lines, model, rows, width, visible):
                 if t and ev.key and not ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
                     cats[category(ev.key)] += t / 5 / 1e3  # ms per step
                     counts[category(ev.key)] += ev.count // 5
-            # CUDA graph of the same step
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                reset()
-                step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            t_graph = cuda_time(lambda: (reset(), graph.replay()), reps=30, graph=False)
-            t_reset = cuda_time(reset, reps=30, graph=False)
-            del graph
-        results[mode] = (cats, counts, t_graph - t_reset)
+            t_step = step.graph_seconds()  # the same step as a CUDA graph
+        results[mode] = (cats, counts, t_step)
     names = sorted({c for r in results.values() for c in r[0]})
     lines.append("| kernels (eager, CUDA time per step) | SDPA ms | kernels | Triton ms | kernels |")
     lines.append("|---|---|---|---|---|")
@@ -336,6 +316,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=288)
     ap.add_argument("--visible", type=int, default=224)
     ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true", help="keep the Triton kernel's default launch settings")
     ap.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = ap.parse_args()
@@ -351,8 +332,9 @@ def main() -> None:
     hfmod.register_attention()
     attention_micro(lines, model.config, args.rows, args.width, sorted({160, args.visible, args.width}),
                     lim["bandwidth_measured"])
-    sweep_triton(lines, model.config, args.rows, args.width, args.visible)
-    attention_micro(lines, model.config, args.rows, args.width, [args.visible], lim["bandwidth_measured"])
+    if not args.skip_sweep:
+        sweep_triton(lines, model.config, args.rows, args.width, args.visible)
+        attention_micro(lines, model.config, args.rows, args.width, [args.visible], lim["bandwidth_measured"])
     if not args.skip_gemm:
         gemm_micro(lines, model, args.rows)
     step_profile(lines, model, args.rows, args.width, args.visible)
