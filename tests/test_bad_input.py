@@ -153,3 +153,40 @@ def test_empty_generation_is_parsed_as_no_answer():
                 continue
             assert got.correct in (False, None), (name, it.id, got)
             assert got.label in (None, "no_response", "unknown", "refusal", -1) or got.refused, (name, it.id, got)
+
+
+def test_failed_check_leaves_no_empty_out_folder(tmp_path):
+    """A check that fails after --out was created (here the DecodingTrust folder; below the engine's environment)
+    removes the folder this command made; an --out that existed before stays, with what it held."""
+    out = tmp_path / "new" / "o"
+    p = run("evaluate", "-p", "ethics", "--suite", "dt", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out),
+            "--no-progress")
+    assert p.returncode == 2 and "nowhere" in last_line(p)
+    assert not out.exists()
+    p = run("evaluate", "-p", "ethics", "--limit", "1", "--out", str(out), "--no-progress",
+            "--toxicity-scorer", "bogus", env={"COMPTRUST_DECODE_ATTN": "flash"})
+    assert p.returncode == 2 and "COMPTRUST_DECODE_ATTN='flash'" in last_line(p)
+    assert "warning: --toxicity-scorer bogus is not used" in p.stderr  # toxicity is not evaluated
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    p = run("evaluate", "-p", "ethics", "--suite", "dt", "--data-dir", str(tmp_path / "nowhere"), "--out", str(kept),
+            "--no-progress")
+    assert p.returncode == 2 and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_discard_if_unused_keeps_a_folder_with_work(tmp_path):
+    from comptrust.evaluate import STORE_NAME, discard_if_unused
+    from comptrust.store import Store
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Store(empty / STORE_NAME):
+        pass
+    assert discard_if_unused(empty) and not empty.exists()
+    work = tmp_path / "work"
+    work.mkdir()
+    with Store(work / STORE_NAME) as st:
+        st.kv_put_many("toxicity", {"a text": 0.5})
+    assert not discard_if_unused(work) and (work / STORE_NAME).exists()

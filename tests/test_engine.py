@@ -139,8 +139,14 @@ def test_compile_setting_is_checked_and_auto_stays_eager_on_the_cpu(engine_fp32)
     static loop runs the plain model."""
     from comptrust.errors import UsageError
 
-    with pytest.raises(UsageError, match="compile setting 'fast'"):
+    with pytest.raises(UsageError, match="compile setting='fast'"):
         HFEngine(resolve(None), compile="fast")
+    for var, value in (("COMPTRUST_COMPILE", "yes"), ("COMPTRUST_DECODE_ATTN", "flash"),
+                       ("COMPTRUST_TRITON_DECODE", "64,2")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(var, value)
+            with pytest.raises(UsageError, match=f"{var}='{value}'"):
+                HFEngine(resolve(None))
     engine_fp32.loop = "static"
     try:
         engine_fp32.generate([_greedy(QUESTIONS[1], 4)])

@@ -114,10 +114,8 @@ def evaluate(
       comptrust evaluate --backend llamacpp -p stereotype --out runs/smol-llamacpp
     """
     from comptrust import perspectives as registry
-    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
-    from comptrust.engine.select import open_engine
-    from comptrust.evaluate import check_out_dir, evaluate as run_eval
-    from comptrust.perspectives.base import PROFILES, EvalOptions
+    from comptrust.evaluate import check_out_dir, discard_if_unused
+    from comptrust.perspectives.base import PROFILES
 
     if suite not in ("mini", "dt"):
         raise UsageError(f"--suite {suite}: expected mini or dt")
@@ -131,7 +129,27 @@ def evaluate(
     if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size}: must be positive")
     names = registry.parse_list(perspectives)
+    if toxicity_scorer and "toxicity" not in names:
+        print(f"warning: --toxicity-scorer {toxicity_scorer} is not used: toxicity is not among the perspectives",
+              file=sys.stderr)
+    created = not out.expanduser().exists()
     check_out_dir(out)
+    try:
+        _evaluate_into(out, names, suite, data_dir, profile, limit, n, seed, dt_quirks, original_scoring, mmlu_dir,
+                       toxicity_scorer, model, backend, device, dtype, batch_size, raw, progress)
+    except BaseException:
+        if created:  # a check that failed after --out was made leaves no empty folder behind
+            discard_if_unused(out)
+        raise
+
+
+def _evaluate_into(out, names, suite, data_dir, profile, limit, n, seed, dt_quirks, original_scoring, mmlu_dir,
+                   toxicity_scorer, model, backend, device, dtype, batch_size, raw, progress) -> None:
+    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
+    from comptrust.engine.select import open_engine
+    from comptrust.evaluate import evaluate as run_eval
+    from comptrust.perspectives.base import EvalOptions
+
     root = mini_dir() if suite == "mini" else dt_dir(data_dir)
     opts = EvalOptions(
         data_dir=root,

@@ -60,6 +60,35 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+def discard_if_unused(out: Path) -> bool:
+    """Remove an --out folder this command created when it holds nothing computed: no files but the results
+    database, and that one with no generations, scores or cached values. Returns whether it was removed."""
+    import shutil
+    import sqlite3
+
+    out = out.expanduser()
+    if not out.is_dir():
+        return False
+    store_files = {STORE_NAME + x for x in ("", "-wal", "-shm", "-journal")}
+    if any(p.name not in store_files for p in out.iterdir()):
+        return False
+    db = out / STORE_NAME
+    if db.exists():
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                rows = sum(con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                           for t in ("generations", "scores", "kv"))
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return False  # unreadable: leave it for the user to look at
+        if rows:
+            return False
+    shutil.rmtree(out, ignore_errors=True)
+    return True
+
+
 class _Progress:
     """A rich progress bar over generated prompts, with ETA and tokens/s; silent when not a terminal."""
 

@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 LOOPS = ("auto", "compact", "static", "hf")
 # torch.compile of the static loop's decode step (CUDA only, opt-in: COMPTRUST_COMPILE=on). It fuses the norms,
-# rotary embedding, activation and residual adds that otherwise run as ~900 small kernels per Llama-2-7B step:
-# 7B at 64 rows x 160+128 tokens on an H100, 4,068 -> 5,110 tok/s. But every new batch brings a new static cache
-# (transformers marks its tensors as static addresses, which the compiled code is specialised on) and new
-# shapes, so on the DecodingTrust mix it recompiled all the time: 14.7 s -> 120.6 s (+237 s of warm-up).
-# "auto" (the default) therefore leaves it off; it pays only for long runs of one batch shape.
+# rotary embedding, activation and residual adds that otherwise run as ~900 small kernels per Llama-2-7B step
+# (12.3 -> 9.3 ms at 64 rows on an H100). Measured end to end on an H100: 7B at 64 rows x 160+128 tokens 4,137 ->
+# 5,130 tok/s, 13B 2,582 -> 3,031, the 7B DecodingTrust mix 15.5 -> 13.3 s; each costs ~1 minute of compiling
+# first (one compile with dynamic batch and cache sizes, see init_static_layer), so "auto" (the default) leaves
+# it off: it pays for full-profile runs, not for mini suites.
 COMPILE_MODES = ("auto", "on", "off")
 ATTN_NAME = "comptrust_sdpa"  # SDPA whose one-token decode step reads grouped KV heads without copying them
 
@@ -354,6 +354,18 @@ _ATTN_REGISTERED = False
 DECODE_ATTN = os.environ.get("COMPTRUST_DECODE_ATTN", "auto")  # auto (Triton on CUDA when it imports) | sdpa
 
 
+def check_engine_env() -> None:
+    """The engine's environment switches, checked up front (a typo would otherwise be ignored, or fail mid-run)."""
+    attn = os.environ.get("COMPTRUST_DECODE_ATTN", "auto")
+    if attn not in ("auto", "sdpa"):
+        raise UsageError(f"COMPTRUST_DECODE_ATTN={attn!r}: expected auto or sdpa")
+    tune = os.environ.get("COMPTRUST_TRITON_DECODE")
+    if tune is not None:
+        parts = tune.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UsageError(f"COMPTRUST_TRITON_DECODE={tune!r}: expected four positive integers BT,WARPS,PROGRAMS_PER_SM,STAGES")
+
+
 def _decode_mask_rows(attention_mask, b: int, kv_len: int):
     """The visible slots of each row's last query, [b, kv_len] bool, from the mask transformers hands the
     attention function (a 4D bool mask, an additive float mask, or None = all visible)."""
@@ -477,7 +489,9 @@ class HFEngine:
         self.cuda_graphs = cuda_graphs
         self.compile = compile or os.environ.get("COMPTRUST_COMPILE", "auto")
         if self.compile not in COMPILE_MODES:
-            raise UsageError(f"compile setting {self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+            what = "compile setting" if compile else "COMPTRUST_COMPILE"
+            raise UsageError(f"{what}={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        check_engine_env()
         self._decode_fwd = None
         self.ignore_eos = ignore_eos  # benchmarks with random weights: fixed output lengths
         self._preloaded = preloaded
@@ -1030,7 +1044,7 @@ class HFEngine:
                 return model(**kw)
             try:
                 return compiled(**kw)
-            except Exception as e:  # compiling failed: it fails before the step runs, so the step is run eagerly
+            except Exception as e:  # compiling failed (that happens before the compiled code runs): run eagerly
                 msg = f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:200]}); decoding eagerly"
                 log.warning(msg)
                 self.notes.append(msg)
