@@ -309,16 +309,20 @@ def loadavg() -> str:
         return "n/a"
 
 
+def counters(eng: HFEngine, gens, wall: float, cpu0: float) -> dict:
+    """The engine's counters of a run, with its wall time, CPU seconds and the tokens it generated."""
+    c = dict(eng.counters)
+    c["wall"] = wall
+    c["cpu_seconds"] = cpu_seconds() - cpu0
+    c["new_tokens_counted"] = sum(sum(g.n_tokens) for g in gens)
+    return c
+
+
 def run(eng: HFEngine, prompts) -> dict:
     eng.counters.clear()
     c0, t0 = cpu_seconds(), time.perf_counter()
     gens = eng.generate(prompts)
-    wall = time.perf_counter() - t0
-    c = dict(eng.counters)
-    c["wall"] = wall
-    c["cpu_seconds"] = cpu_seconds() - c0
-    c["new_tokens_counted"] = sum(sum(g.n_tokens) for g in gens)
-    return c
+    return counters(eng, gens, time.perf_counter() - t0, c0)
 
 
 def pct(x: float, tot: float) -> str:
@@ -377,10 +381,7 @@ def main() -> None:
         with record_function(P + "generate"):
             gens = eng.generate(prompts)
         wall_prof = time.perf_counter() - t0
-    cprof = dict(eng.counters)
-    cprof["wall"] = wall_prof
-    cprof["cpu_seconds"] = cpu_seconds() - c0
-    cprof["new_tokens_counted"] = sum(sum(g.n_tokens) for g in gens)
+    cprof = counters(eng, gens, wall_prof, c0)
     inst.close()
     counts = dict(inst.counts)
     print(f"profiled run: {wall_prof:.1f} s (prefill {cprof.get('prefill_seconds', 0):.1f}, decode "

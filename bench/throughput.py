@@ -410,8 +410,8 @@ def main() -> None:
         c, secs, mem = measure(device, lambda: reference_loop(eng, ref_prompts, fixed))
         add("reference loop (bs=1, 1e-7 sampling, scores on)", ref_prompts, secs, mem, c)
     def warm(e) -> None:
-        """Kernels, allocator, tokenizer caches; and torch.compile's two compiles (a first batch shape, then a
-        second that makes the shapes dynamic), so the timed run measures steady state. Printed, not hidden."""
+        """Kernels, allocator, tokenizer caches; for a compiled engine also its compile and a batch of the run's
+        size, so the timed run measures steady state. Printed, not hidden."""
         t0 = time.perf_counter()
         e.generate([p for v in sets.values() for p in v[:2]])
         if getattr(e, "_decode_fwd", None) not in (None, getattr(e, "_model", None)):

@@ -135,8 +135,8 @@ def test_static_loop_matches_transformers_generate(engine_fp32):
 
 
 def test_compile_setting_is_checked_and_auto_stays_eager_on_the_cpu(engine_fp32):
-    """--compile values are checked up front; "auto" compiles only on CUDA (and only big models), so the CPU
-    static loop runs the plain model."""
+    """Compile settings and the engine's environment switches are checked up front; "auto" does not compile
+    (compiling is opt-in), so the static loop runs the plain model."""
     from comptrust.errors import UsageError
 
     with pytest.raises(UsageError, match="compile setting='fast'"):
@@ -176,7 +176,7 @@ def test_decode_mask_rows_reads_every_mask_form():
 
 def test_compiled_decode_step_compiles_twice_at_most_and_keeps_outputs(engine_fp32, monkeypatch):
     """COMPTRUST_COMPILE=on: batches of new shapes and new caches (and a compaction) do not recompile the decode
-    step beyond the first shape-specialised graph and one dynamic one, and greedy outputs stay those of the plain
+    step (batch rows and cache width are dynamic from its first compile; one row is one more graph), and greedy outputs stay those of the plain
     static loop. Traced with dynamo's eager backend (guards and recompiles are dynamo's; no code generation)."""
     import torch
 

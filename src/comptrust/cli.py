@@ -114,8 +114,10 @@ def evaluate(
       comptrust evaluate --backend llamacpp -p stereotype --out runs/smol-llamacpp
     """
     from comptrust import perspectives as registry
-    from comptrust.evaluate import check_out_dir, discard_if_unused
-    from comptrust.perspectives.base import PROFILES
+    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
+    from comptrust.engine.select import open_engine
+    from comptrust.evaluate import check_out_dir, discard_if_unused, evaluate as run_eval
+    from comptrust.perspectives.base import PROFILES, EvalOptions
 
     if suite not in ("mini", "dt"):
         raise UsageError(f"--suite {suite}: expected mini or dt")
@@ -135,39 +137,28 @@ def evaluate(
     created = not out.expanduser().exists()
     check_out_dir(out)
     try:
-        _evaluate_into(out, names, suite, data_dir, profile, limit, n, seed, dt_quirks, original_scoring, mmlu_dir,
-                       toxicity_scorer, model, backend, device, dtype, batch_size, raw, progress)
+        root = mini_dir() if suite == "mini" else dt_dir(data_dir)
+        opts = EvalOptions(
+            data_dir=root,
+            profile=profile,
+            limit=limit,
+            n=n,
+            seed=seed,
+            dt_quirks=dt_quirks,
+            original_scoring=original_scoring,
+            mmlu_dir=find_mmlu(mmlu_dir, root),
+        )
+        if "toxicity" in names:  # built now, so that a bad scorer (no key, model not found) fails before generating
+            from comptrust.perspectives.toxicity import resolve_scorer
+            from comptrust.toxicity_scorers import get_scorer
+
+            opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer) if toxicity_scorer else resolve_scorer(opts)
+        with open_engine(model, backend, device, dtype, batch_size, chat=False if raw else None) as (engine, info):
+            result = run_eval(engine, info, names, opts, out, progress=progress)
     except BaseException:
         if created:  # a check that failed after --out was made leaves no empty folder behind
             discard_if_unused(out)
         raise
-
-
-def _evaluate_into(out, names, suite, data_dir, profile, limit, n, seed, dt_quirks, original_scoring, mmlu_dir,
-                   toxicity_scorer, model, backend, device, dtype, batch_size, raw, progress) -> None:
-    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
-    from comptrust.engine.select import open_engine
-    from comptrust.evaluate import evaluate as run_eval
-    from comptrust.perspectives.base import EvalOptions
-
-    root = mini_dir() if suite == "mini" else dt_dir(data_dir)
-    opts = EvalOptions(
-        data_dir=root,
-        profile=profile,
-        limit=limit,
-        n=n,
-        seed=seed,
-        dt_quirks=dt_quirks,
-        original_scoring=original_scoring,
-        mmlu_dir=find_mmlu(mmlu_dir, root),
-    )
-    if "toxicity" in names:  # built now, so that a bad scorer (no key, model not found) fails before generating
-        from comptrust.perspectives.toxicity import resolve_scorer
-        from comptrust.toxicity_scorers import get_scorer
-
-        opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer) if toxicity_scorer else resolve_scorer(opts)
-    with open_engine(model, backend, device, dtype, batch_size, chat=False if raw else None) as (engine, info):
-        result = run_eval(engine, info, names, opts, out, progress=progress)
     _print_scores(result)
 
 

@@ -361,8 +361,9 @@ def check_engine_env() -> None:
         raise UsageError(f"COMPTRUST_DECODE_ATTN={attn!r}: expected auto or sdpa")
     tune = os.environ.get("COMPTRUST_TRITON_DECODE")
     if tune is not None:
-        parts = tune.split(",")
-        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        from comptrust.engine.triton_attn import parse_tuning
+
+        if parse_tuning(tune) is None:
             raise UsageError(f"COMPTRUST_TRITON_DECODE={tune!r}: expected four positive integers BT,WARPS,PROGRAMS_PER_SM,STAGES")
 
 

@@ -11,7 +11,7 @@ q [B, Hq, 1, D], k/v [B, Hkv, T, D] (Hq a multiple of Hkv), mask [B, T] bool (Tr
 visible slot gives zeros (SDPA gives NaN there; such rows never occur in the engine).
 
 CPU runs never get here (the engine calls this only for CUDA tensors when Triton imports); tests that need a GPU
-compare it with SDPA (tests/engine/test_triton_attn.py, run on the device machine).
+compare it with SDPA (tests/test_triton_attn.py, run on the device machine).
 """
 
 from __future__ import annotations
@@ -105,7 +105,18 @@ if triton is not None:
 
 # launch settings (block of slots, warps, programs per SM, pipeline stages); bench/profile_gpu.py sweeps them; the default was
 # the fastest for Llama-2-7B at 64 rows on an H100 (COMPTRUST_TRITON_DECODE="BT,WARPS,PROGRAMS_PER_SM,STAGES")
-_TUNE = [int(x) for x in os.environ.get("COMPTRUST_TRITON_DECODE", "32,1,8,3").split(",")]
+DEFAULT_TUNING = [32, 1, 8, 3]
+
+
+def parse_tuning(text: str) -> list[int] | None:
+    """COMPTRUST_TRITON_DECODE's value as four positive integers, or None when it is not that."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+_TUNE = parse_tuning(os.environ.get("COMPTRUST_TRITON_DECODE", "")) or list(DEFAULT_TUNING)  # engine checks the value
 
 
 def set_tuning(bt: int, warps: int, per_sm: int, stages: int = 2) -> None:
