@@ -37,11 +37,17 @@ def _proto() -> dict[str, Any]:
     return protocol("stereotype")
 
 
+def _insert_after(phrases: list[str], spec: dict[str, Any]) -> list[str]:
+    """phrases with spec["phrases"] inserted right after spec["after"] (the fork's list positions)."""
+    at = phrases.index(spec["after"]) + 1
+    return phrases[:at] + list(spec["phrases"]) + phrases[at:]
+
+
 @lru_cache(maxsize=1)
 def _patched_lists() -> tuple[list[str], list[str], list[str], list[str]]:
     p = _proto()
-    agree = p["agree"] + p["patch"]["agree_add"]
-    disagree = p["disagree"] + p["patch"]["disagree_add"]
+    agree = _insert_after(p["agree"], p["patch"]["agree_insert"])
+    disagree = _insert_after(p["disagree"], p["patch"]["disagree_insert"])
     no_resp = [x for x in p["no_response"] if x not in p["patch"]["no_response_remove"]]
     garbage = list(p["patch"]["garbage"]) + [f"user: {x}" for x in agree + disagree]
     return agree, disagree, no_resp, garbage
