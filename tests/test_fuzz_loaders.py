@@ -59,7 +59,7 @@ TARGETS = [
     ("privacy", "privacy/enron_data/five_shot.jsonl"),
     ("privacy", "privacy/enron_data/email2name.json"),  # new: the .json twin, which takes precedence
     ("privacy", "privacy/enron_data/context.jsonl"),  # new: the context file (read before the tokenizer is looked up)
-    ("toxicity", "toxicity/toxicity_prompts.json"),
+    ("toxicity", "toxicity/toxicity_prompts.py"),
     ("toxicity", "toxicity/user_prompts/toxic.jsonl"),
     ("mmlu", "mmlu/dev/astronomy_dev.csv"),
     ("mmlu", "mmlu/test/astronomy_test.csv"),
@@ -248,7 +248,30 @@ def npy_content(original: bytes, data: st.DataObject) -> bytes:
     return bytes(head) + original[128:]
 
 
-CONTENT = {".jsonl": jsonl_content, ".json": json_content, ".csv": csv_content, ".npy": npy_content}
+PY_CODE = ["__import__('os').system('touch PWNED')", "open('x').read()", "PROMPTS_bak", "[x for x in 'ab']",
+           "lambda: 1", "f'{1}'", "1 + 2", "{'sys_prompt': 1}", "None", '"""', "\\x00", "import os"]
+
+
+def py_content(original: bytes, data: st.DataObject) -> bytes:
+    """A templates module (DecodingTrust's toxicity_prompts.py) with code, wrong shapes or broken syntax put in."""
+    text = original.decode("utf-8")
+    mode = data.draw(st.sampled_from(["code", "code", "rename", "reshape", "bytes", "truncate"]))
+    if mode == "bytes":
+        return data.draw(st.one_of(st.binary(max_size=200), st.just(b""), st.just(b"\x00" + original[:80])))
+    if mode == "truncate":
+        return original[: data.draw(st.integers(0, len(original) - 1))]
+    if mode == "rename":
+        new = data.draw(st.sampled_from(["PROMPT =", "prompts =", "PROMPTS: list =", "PROMPTS +="]))
+        return text.replace("PROMPTS =", new, 1).encode()
+    if mode == "reshape":
+        value = dumps(data.draw(json_values), True).decode()
+        return (text[: text.index("PROMPTS =")] + f"PROMPTS = {value}\n").encode()
+    strings = [m.span() for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"', text)]
+    at, end = data.draw(st.sampled_from(strings)) if strings else (0, 0)
+    return (text[:at] + data.draw(st.sampled_from(PY_CODE)) + text[end:]).encode("utf-8")
+
+
+CONTENT = {".jsonl": jsonl_content, ".json": json_content, ".csv": csv_content, ".npy": npy_content, ".py": py_content}
 
 
 def _original(target: Path, rel: str) -> bytes:
@@ -335,6 +358,7 @@ def test_loader_fuzz(suite, name, rel, monkeypatch):
         else:
             check_usable(name, loaded, suite)
         COUNTS[key] = COUNTS.get(key, 0) + 1
+        assert not Path("PWNED").exists(), "a templates module was executed"
 
     try:
         run()

@@ -17,9 +17,12 @@ profanity-check model. The scorer's name goes into the Score, since scorers are 
 
 from __future__ import annotations
 
+import ast
 import math
+import warnings
 from collections import defaultdict
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 from comptrust.errors import RuntimeFailure, UsageError
@@ -29,6 +32,7 @@ from comptrust.perspectives.base import (
     MissingData,
     Perspective,
     field_of,
+    first_bad_utf8_line,
     protocol,
     read_json,
     read_jsonl,
@@ -62,13 +66,76 @@ def is_rejected(cleaned: str) -> bool:
     return any(phrase in cleaned for phrase in _proto()["refusal_substrings"])
 
 
+MAX_TEMPLATES_BYTES = 4 * 1024 * 1024  # DecodingTrust's module is ~60 KB; anything far larger is not that file
+
+
+def literal_list(path: Path, name: str) -> list[Any]:
+    """The value of the module-level assignment `name = [...]` in a Python file, read as data.
+
+    DecodingTrust ships its toxicity templates as a Python module. Importing it would run whatever the file
+    holds, so it is parsed with `ast` and only literals are accepted (`ast.literal_eval`: strings, numbers,
+    lists, dicts; adjacent string literals are already joined by the parser). Anything else is a UsageError
+    naming the file and line; nothing in the file is executed.
+    """
+    size = path.stat().st_size
+    if size > MAX_TEMPLATES_BYTES:
+        raise UsageError(f"{path}: {size} bytes, too large for a templates module (at most {MAX_TEMPLATES_BYTES})")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text ({e.reason})") from None
+    try:
+        with warnings.catch_warnings():  # DecodingTrust's file has "\ " escapes; the parser's warnings are noise here
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=str(path))
+    except SyntaxError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from None
+    except (RecursionError, MemoryError, ValueError) as e:
+        raise UsageError(f"{path}: cannot be parsed as Python ({type(e).__name__})") from None
+    found: ast.expr | None = None
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                names.append(t.id)
+                if t.id == name and node.value is not None:
+                    found = node.value  # the last assignment wins, as it would on import
+    if found is None:
+        listed = f" (module-level names: {', '.join(dict.fromkeys(names))})" if names else ""
+        raise UsageError(f"{path}: no module-level '{name}' list{listed}")
+    try:
+        value = ast.literal_eval(found)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        bad = next((n for n in ast.walk(found) if not isinstance(n, _LITERAL_NODES)), found)
+        raise UsageError(
+            f"{path}:{getattr(bad, 'lineno', found.lineno)}: '{name}' must hold only literals (strings, lists, "
+            f"dicts); found {type(bad).__name__} code, which is never executed"
+        ) from None
+    if not isinstance(value, list):
+        raise UsageError(f"{path}:{found.lineno}: '{name}' must be a list, found {type(value).__name__}")
+    return value
+
+
+_LITERAL_NODES = (ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set, ast.Load, ast.UnaryOp, ast.USub, ast.UAdd)
+
+
 def read_templates(opts: EvalOptions) -> dict[str, tuple[str, str]]:
-    """template name -> (system prompt, task description), from the data folder's toxicity_prompts.json."""
+    """template name -> (system prompt, task description).
+
+    From the data folder's toxicity_prompts.py (a DecodingTrust checkout; its PROMPTS list), else from a
+    toxicity_prompts.json holding the same list (a converted copy). MissingData when neither exists.
+    """
     p = _proto()["protocol"]
-    path = opts.data_dir / p["templates_file"]
-    data = read_json(path)  # MissingData when absent: no template, no perspective
-    if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a JSON list of {{sys_prompt, task_desc}} templates")
+    py_path, json_path = opts.data_dir / p["templates_file"], opts.data_dir / p["templates_json"]
+    if py_path.is_file():
+        path, data = py_path, literal_list(py_path, p["templates_list"])
+    elif json_path.is_file():
+        path, data = json_path, read_json(json_path)
+        if not isinstance(data, list):
+            raise UsageError(f"{json_path}: expected a JSON list of {{sys_prompt, task_desc}} templates")
+    else:
+        raise MissingData(py_path, f"toxicity templates; or {json_path.name}")
     out = {}
     for name, idx in p["templates"].items():
         if idx >= len(data):
