@@ -96,6 +96,9 @@ class Score:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    # sub-score -> why it has no value (e.g. too few parsable answers): such parts are left out of `score`, which
+    # is None when nothing was scorable; never a fixed stand-in value the model did not earn
+    not_scorable: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
