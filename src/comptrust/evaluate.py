@@ -100,7 +100,8 @@ class _Progress:
         self.t0 = time.time()
 
     def start(self, total: int, label: str) -> None:
-        if not self.enabled or total == 0:
+        """Show the bar (once: later calls, one per perspective's generate call, keep it)."""
+        if not self.enabled or total == 0 or self.bar is not None:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -151,13 +152,37 @@ def load_perspectives(
         try:
             ld = p.load(popts)
         except MissingData as e:
-            not_run[name] = f"missing data file {e.path}"
+            not_run[name] = str(e)  # names the file (or folder) and, where it helps, what else was looked for
             continue
         if not ld.items:
             not_run[name] = "no items to evaluate" + (f" ({'; '.join(ld.skipped)})" if ld.skipped else "")
             continue
         loaded[name] = (p, ld, popts)
     return loaded, not_run
+
+
+@dataclass
+class Prepared:
+    """The perspectives of one run with their data loaded: what a run generates, checked before any model loads."""
+
+    loaded: dict[str, tuple[Any, Loaded, EvalOptions]]
+    not_run: dict[str, str]
+
+
+def prepare(names: Sequence[str], opts: EvalOptions) -> Prepared:
+    """Load the data of `names`; UsageError (exit 2) when no perspective has any, naming what was looked for where.
+
+    A run in which nothing can be evaluated must not exit 0 with an empty result; a folder holding a ``data/``
+    folder is most likely a DecodingTrust checkout's root, so the error says "did you mean DIR/data".
+    Partial data stays a warning (printed by evaluate, listed in scores.json).
+    """
+    loaded, not_run = load_perspectives(names, opts)
+    if not loaded:
+        root = Path(opts.data_dir)
+        hint = f"; did you mean {root / 'data'}?" if (root / "data").is_dir() else ""
+        why = "; ".join(f"{n}: {w}" for n, w in not_run.items())
+        raise UsageError(f"no data for any requested perspective in {root} ({why}){hint}")
+    return Prepared(loaded, not_run)
 
 
 def evaluate(
@@ -169,14 +194,23 @@ def evaluate(
     progress: bool | None = None,
     write_files: bool = True,
     store: Store | None = None,
+    config: Any = None,
+    prepared: Prepared | None = None,
 ) -> EvalResult:
     """Run `names` on `engine` (an Engine); write scores.json / generations.jsonl into out_dir.
 
     store: an open Store to use (a study shares one across models); default: out_dir/comptrust.sqlite.
+    config: the comptrust.config.EvalConfig that made `opts`; scores.json records it and its fingerprint.
+    prepared: what prepare(names, opts) returned, where the caller checked the data before loading the model.
+
+    Each perspective meets the engine in its own generate call (never in a batch with another's prompts), so that
+    its batches (hence, in bf16, its near-tied greedy choices and its score) are the same whichever other
+    perspectives share the command.
     """
     t0 = time.time()
     out_dir = check_out_dir(out_dir)
-    loaded, not_run = load_perspectives(names, opts)
+    prepared = prepared or prepare(names, opts)
+    loaded, not_run = prepared.loaded, dict(prepared.not_run)
     for name, why in not_run.items():
         print(f"warning: perspective '{name}' not run: {why}", file=sys.stderr)
     for name, (_, ld, _o) in loaded.items():
@@ -185,22 +219,26 @@ def evaluate(
             more = f" (+{len(ld.skipped) - 1} more; all listed under 'skipped' in scores.json)" if len(ld.skipped) > 1 else ""
             print(f"warning: {name}: parts skipped for missing files: {first}{more}", file=sys.stderr)
 
-    flat = [(name, it) for name, (_, ld, _o) in loaded.items() for it in ld.items]
     bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    total = sum(len(ld.items) for _, ld, _o in loaded.values())
     with nullcontext(store) if store is not None else Store(out_dir / STORE_NAME) as store:
         cached = CachedEngine(engine, store)
+        records: dict[str, list[Record]] = {}
         try:
-            gens = cached.generate(
-                [it.prompt for _, it in flat],
-                progress=bar.advance,
-                on_start=lambda n: bar.start(n, f"generating ({', '.join(loaded)})"),
-            )
+            for name, (p, ld, popts) in loaded.items():
+                n_items = len(ld.items)
+
+                def started(n_new: int, n_items: int = n_items) -> None:
+                    bar.start(total, f"generating ({', '.join(loaded)})")
+                    bar.advance(n_items - n_new, 0)  # cache hits count as done at once
+
+                gens = cached.generate([it.prompt for it in ld.items], progress=bar.advance, on_start=started)
+                records[name] = [
+                    Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts])
+                    for it, g in zip(ld.items, gens)
+                ]
         finally:
             bar.stop()
-        records: dict[str, list[Record]] = {name: [] for name in loaded}
-        for (name, it), g in zip(flat, gens):
-            p, _, popts = loaded[name]
-            records[name].append(Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts]))
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
             try:
@@ -212,6 +250,7 @@ def evaluate(
                 print(f"warning: perspective '{name}' not scored: {not_run[name]}", file=sys.stderr)
                 continue
             sc.skipped = sorted(set(sc.skipped) | set(ld.skipped))
+            sc.notes = list(dict.fromkeys([*ld.notes, *sc.notes]))  # the loader's notes too (e.g. fewer demos)
             d = sc.to_dict()
             d["model_fingerprint"] = engine.fingerprint
             d["perspective_version"] = p.version
@@ -222,11 +261,11 @@ def evaluate(
     stats["engine_load_seconds"] = round(getattr(engine, "load_seconds", 0.0), 2)
     result = EvalResult(out_dir, scores, not_run, stats, time.time() - t0, model_info, records)
     if write_files:
-        write_outputs(result, records, opts)
+        write_outputs(result, records, opts, config)
     return result
 
 
-def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: EvalOptions) -> None:
+def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: EvalOptions, config: Any = None) -> None:
     import torch
     import transformers
 
@@ -234,6 +273,8 @@ def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: Ev
         "comptrust_version": __version__,
         "model": result.model,
         "options": opts.public(),
+        "config": config.model_dump(mode="json") if config is not None else None,
+        "config_fingerprint": config.fingerprint() if config is not None else None,
         "perspectives": result.scores,
         "not_run": result.not_run,
         "generation": result.stats,

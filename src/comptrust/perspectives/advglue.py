@@ -122,8 +122,8 @@ class AdvGlue(Perspective):
             elif use_dev is True:
                 skipped.append(f"{dev[0]}: missing {dev[1]}")
         if not chosen:
-            what = "no AdvGLUE++ data file (alpaca/vicuna/stable-vicuna.json or advglue_dev.json)"
-            raise MissingData(attack[0][1], what)
+            names = [path.name for _, path in attack] + [dev[1].name]
+            raise MissingData(folder, f"none of {', '.join(names)}")
         return chosen, skipped, notes
 
     def load(self, opts: EvalOptions) -> Loaded:
