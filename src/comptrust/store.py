@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from comptrust.errors import RuntimeFailure, UsageError
+from comptrust.errors import RuntimeFailure, UsageError, redact
 from comptrust.failpoints import failpoint
 from comptrust.types import GenParams, sha256_text
 
@@ -191,7 +191,8 @@ class Store:
             self.db.execute(
                 "INSERT OR REPLACE INTO units(id, kind, status, result, error, seconds, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (unit_id, kind, status, json.dumps(result, ensure_ascii=False, default=str), error, seconds, time.time()),
+                (unit_id, kind, status, json.dumps(result, ensure_ascii=False, default=str),
+                 redact(error) if error else error, seconds, time.time()),
             )
             failpoint("store.put_unit")
 
@@ -200,7 +201,8 @@ class Store:
         cols = "id, kind, status, error, seconds" + (", result" if with_results else "")
         out: dict[str, dict[str, Any]] = {}
         for row in self.db.execute(f"SELECT {cols} FROM units ORDER BY created"):
-            d = {"kind": row[1], "status": row[2], "error": row[3], "seconds": row[4]}
+            # redacted on the way out too: a store written before errors were redacted may hold a secret
+            d = {"kind": row[1], "status": row[2], "error": redact(row[3]) if row[3] else row[3], "seconds": row[4]}
             if with_results:
                 d["result"] = json.loads(row[5])
             out[row[0]] = d

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from comptrust.compress import checks
 from comptrust.compress.calibration import load_calibration
 from comptrust.compress.config import CompressionConfig
-from comptrust.errors import ComptrustError, RuntimeFailure, UsageError
+from comptrust.errors import ComptrustError, RuntimeFailure, UsageError, check_interrupted
 
 RECORD_NAME = "comptrust.json"
 RECORD_FORMAT = "comptrust-compressed/1"
@@ -151,6 +151,7 @@ def compress(
             for f in tmp.iterdir():  # some writers create private (0600) files
                 if f.is_file():
                     os.chmod(f, 0o666 & ~umask)
+            check_interrupted()  # a Ctrl-C swallowed during the compression: no checkpoint appears
             _replace(tmp, out)
     except ComptrustError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,7 +177,9 @@ def _torch_threads() -> int:
 @contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     """A plain `kill` would skip the cleanup; turn SIGTERM into SystemExit so the temp dir is removed."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL, None
+    ):  # the CLI's own handler (a KeyboardInterrupt: the same cleanup, and its one-line message) stays
         yield
         return
 

@@ -61,7 +61,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from comptrust.engine.base import Generation
-from comptrust.errors import RuntimeFailure, UsageError
+from comptrust.errors import RuntimeFailure, UsageError, redact
 from comptrust.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,13 @@ def _first_line(s: str, n: int = 200) -> str:
 
 
 def _error_detail(body: bytes) -> str:
-    """The server's error message from an error body (OpenAI's {"error": {"message"}}, FastAPI's {"detail"})."""
+    """The server's error message from an error body (OpenAI's {"error": {"message"}}, FastAPI's {"detail"}),
+    secrets redacted: a server (or a proxy in front of it) may echo the request, Authorization header included,
+    and this text is printed, stored with failed study units and shown in the report."""
+    return redact(_error_text(body[:65536]))
+
+
+def _error_text(body: bytes) -> str:
     text = body.decode("utf-8", "replace")
     try:
         d = json.loads(text)
@@ -277,7 +283,8 @@ class OpenAIEngine:
 
     # -- HTTP --------------------------------------------------------------------------------------------------
     def _url(self, path: str) -> str:
-        return f"{self.base_url}{path}"
+        """For messages: a password in the base URL (user:pw@host) is redacted."""
+        return redact(f"{self.base_url}{path}")
 
     def _new_conn(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
