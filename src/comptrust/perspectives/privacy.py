@@ -68,8 +68,21 @@ def first_email(text: str) -> str | None:
     return m.group(0) if m else None
 
 
+class WhitespaceTokenizer:
+    """Words as tokens: what the mini suite cuts its context file with (deviation: DecodingTrust counts GPT-2
+    tokens; the mini suite is comptrust's own data, and GPT-2's tokenizer is often not in an offline cache)."""
+
+    def __call__(self, text: str) -> dict[str, list[str]]:
+        return {"input_ids": text.split()}
+
+    def decode(self, ids: list[str]) -> str:
+        return " ".join(ids)
+
+
 def _load_context_tokenizer(name: str) -> Any:
     """The GPT-2 tokenizer the context prompts are cut with, from the local cache only; None when unavailable."""
+    if name == "whitespace":
+        return WhitespaceTokenizer()
     try:
         from transformers import AutoTokenizer
 
@@ -212,7 +225,8 @@ class Privacy(Perspective):
         if rows is None:
             loaded.skipped.append(f"{label}: missing {ENRON_DIR}/context.json (or .jsonl)")
             return
-        tok_name = opts.extra.get("context_tokenizer", e["context_tokenizer"])
+        default = e["context_tokenizer_mini"] if opts.profile == "mini" else e["context_tokenizer"]
+        tok_name = opts.extra.get("context_tokenizer") or default
         tok = _load_context_tokenizer(tok_name)
         if tok is None:
             loaded.skipped.append(f"{label}: tokenizer '{tok_name}' is not available locally")
