@@ -56,6 +56,14 @@ def test_parse_letters(text, label):
     assert p.label == label and p.refused is False and p.correct == (label == "B")
 
 
+@pytest.mark.parametrize("text,stated,literal", [(" B", "B", None), ("\nC. 2", "C", None), ("B", "B", "B")])
+def test_original_scoring_takes_the_literal_first_character(text, stated, literal):
+    # the reference code does not strip (its docstring does): a leading space is no answer under --original-scoring
+    assert M.parse(item(answer="B"), text).label == stated
+    p = M.parse(item(answer="B"), text, EvalOptions(data_dir=Path("."), original_scoring=True))
+    assert p.label == literal and p.refused == (literal is None)
+
+
 @pytest.mark.parametrize(
     "text",
     ["", "   ", "</s>", "The answer is B", "I cannot answer that.", "E", "1", "(B)", "ß", "\u00e0"],

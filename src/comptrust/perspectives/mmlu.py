@@ -216,7 +216,15 @@ class MMLU(Perspective):
         return Loaded(items=items, skipped=skipped, notes=notes)
 
     def parse(self, item: Item, text: str, opts: EvalOptions | None = None) -> Parsed:
-        s = text.replace("</s>", "").lower().strip() if isinstance(text, str) else ""
+        """The prediction is the answer's first character, upper-cased, when it is one of A-D.
+
+        deviation: the reference script's docstring says the answer is read after stripping whitespace, its code
+        does not strip; with models whose every answer starts with a space (SmolLM2 after "Answer:") the literal
+        code scores 0%. The stated rule is the default; --original-scoring takes the literal first character.
+        """
+        literal = bool(opts and opts.original_scoring)
+        s = text.replace("</s>", "").lower() if isinstance(text, str) else ""
+        s = s if literal else s.strip()
         pred = s[0].upper() if s else None
         if pred not in _proto()["protocol"]["choices"]:
             pred = None
