@@ -90,3 +90,38 @@ def test_builtin_file_is_valid_jsonl():
     for line in BUILTIN_FILE.read_text().splitlines():
         rec = json.loads(line)
         assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+
+
+ALPACA = [
+    {"instruction": "Name a primary colour.", "input": "", "output": "Blue."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+]
+
+
+def test_alpaca_records_become_chat_templated_conversations(tok, tmp_path):
+    f = tmp_path / "alpaca.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    c = load_calibration(str(f), tok, n=2, seq_len=128, seed=0)
+    assert c.chat_template and c.n == 2
+    by_text = {t for t in c.texts}
+    assert any("<|im_start|>user\nTranslate to French.\n\nGood morning<|im_end|>" in t and "Bonjour" in t for t in by_text)
+    assert any("<|im_start|>user\nName a primary colour.<|im_end|>" in t for t in by_text)  # no empty input line
+
+
+def test_alpaca_columns_of_a_hub_dataset(tok, monkeypatch):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({k: [r[k] for r in ALPACA] for k in ("instruction", "input", "output")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds)
+    c = load_calibration("tatsu-lab/alpaca", tok, n=2, seq_len=128, seed=0)
+    assert c.kind == "hub" and c.chat_template and any("Bonjour" in t for t in c.texts)
+
+
+@pytest.mark.parametrize("rec,needle", [({"instruction": "", "output": "x"}, '"instruction" is empty'),
+                                        ({"instruction": "a", "input": 3}, "must be strings")])
+def test_bad_alpaca_record_names_file_and_line(tok, tmp_path, rec, needle):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(UsageError, match=needle) as e:
+        load_calibration(str(f), tok, n=1, seq_len=32, seed=0)
+    assert f"{f}:1" in str(e.value)

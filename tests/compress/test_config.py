@@ -65,3 +65,11 @@ def test_structure_and_group_rules():
     assert group_size_for(1536, 128) == 128
     assert group_size_for(192, 128) == 64
     assert group_size_for(576, 0) == 0  # per channel
+
+
+def test_actorder_only_for_gptq():
+    from comptrust.compress.config import CompressionConfig
+
+    assert CompressionConfig.build(method="gptq", actorder="group").actorder == "group"
+    with pytest.raises(UsageError, match="--actorder group makes no sense with awq"):
+        CompressionConfig.build(method="awq", actorder="group")

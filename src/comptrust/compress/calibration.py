@@ -3,11 +3,12 @@
 ``--calibration`` accepts, tried in this order:
   (unset) or "default"  the built-in set: 152 short instruction/response conversations written for comptrust
                         (data/calibration.jsonl), rendered with the model's chat template
-  path/to/file.jsonl    one JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]} (rendered
-                        with the chat template) or {"text": "..."} (used as is)
+  path/to/file.jsonl    one JSON object per line: {"messages": [{"role": ..., "content": ...}, ...]} or Alpaca's
+                        {"instruction", "input", "output"} (both rendered with the chat template), or
+                        {"text": "..."} (used as is)
   path/to/file.txt      plain text; blank lines separate samples
   org/name[:split]      a Hugging Face Hub dataset (``datasets.load_dataset``; split "train" by default) with a
-                        "messages" or "text" column
+                        "messages", Alpaca "instruction"/"input"/"output", or "text" column
 
 Sampling is deterministic: ``random.Random(seed)`` picks ``n`` distinct records (all of them when fewer exist),
 so the same seed gives the same calibration set and another seed a different one.
@@ -84,15 +85,34 @@ def _check_messages(msgs: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+def _alpaca(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """An Alpaca-style record {instruction, input, output} (the shape of the common Hub Alpaca sets) as a
+    conversation: the instruction (with its input, when there is one, after a blank line) from the user, the
+    output from the assistant; rendered with the model's chat template like every conversation."""
+    fields = {k: obj.get(k, "") for k in ("instruction", "input", "output")}
+    if not all(isinstance(v, str) for v in fields.values()):
+        raise UsageError(f"{where}: \"instruction\", \"input\" and \"output\" must be strings")
+    if not fields["instruction"].strip():
+        raise UsageError(f"{where}: \"instruction\" is empty")
+    user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"].strip() else "")
+    msgs = [{"role": "user", "content": user}]
+    if fields["output"].strip():
+        msgs.append({"role": "assistant", "content": fields["output"]})
+    return {"messages": msgs}
+
+
 def _record(obj: Any, where: str) -> dict[str, Any]:
-    """A record is {"messages": [...]} or {"text": "..."}."""
+    """A record is {"messages": [...]}, {"text": "..."} or Alpaca's {"instruction", "input", "output"}."""
     if isinstance(obj, dict) and "messages" in obj:
         return {"messages": _check_messages(obj["messages"], where)}
+    if isinstance(obj, dict) and "instruction" in obj:
+        return _alpaca(obj, where)
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         if not obj["text"].strip():
             raise UsageError(f"{where}: \"text\" is empty")
         return {"text": obj["text"]}
-    raise UsageError(f"{where}: expected an object with \"messages\" (a list) or \"text\" (a string)")
+    raise UsageError(f"{where}: expected an object with \"messages\" (a list), \"text\" (a string) or Alpaca's "
+                     "\"instruction\"/\"input\"/\"output\"")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -139,11 +159,10 @@ def read_hub(spec: str) -> Sequence[dict[str, Any]]:
             "pass a local JSONL/text file, or leave --calibration unset for the built-in set"
         ) from None
     cols = set(ds.column_names)
-    col = "messages" if "messages" in cols else "text" if "text" in cols else None
+    col = "messages" if "messages" in cols else "instruction" if "instruction" in cols else "text" if "text" in cols else None
     if col is None:
-        raise UsageError(
-            f"--calibration {spec}: the dataset has no \"messages\" or \"text\" column (columns: {sorted(cols)})"
-        )
+        raise UsageError(f"--calibration {spec}: the dataset has no \"messages\", \"instruction\" (Alpaca) or \"text\" "
+                         f"column (columns: {sorted(cols)})")
     return _HubRecords(ds, col, spec)
 
 
@@ -157,7 +176,10 @@ class _HubRecords(Sequence):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
-        return _record({self.col: self.ds[i][self.col]}, f"{self.spec} row {i}")
+        row = self.ds[i]
+        if self.col == "instruction":  # Alpaca: the record is the whole row
+            return _record({k: row.get(k, "") for k in ("instruction", "input", "output")}, f"{self.spec} row {i}")
+        return _record({self.col: row[self.col]}, f"{self.spec} row {i}")
 
 
 # -- rendering -------------------------------------------------------------------------------------------------

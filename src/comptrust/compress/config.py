@@ -62,6 +62,9 @@ class CompressionConfig(BaseModel):
     seq_len: int | None = None  # max tokens per calibration sample (default 512)
     seed: int = 0
     awq_grid: int | None = None  # AWQ grid points per mapping (default DEFAULT_AWQ_GRID)
+    # GPTQ activation ordering (llm-compressor's actorder): quantize columns in order of decreasing activation
+    # size. "group" is AutoGPTQ's desc_act (what the paper used); "weight" keeps groups contiguous. Default: off.
+    actorder: Literal["group", "weight"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionConfig":
@@ -101,6 +104,8 @@ class CompressionConfig(BaseModel):
                 self.sparsity = DEFAULT_SPARSITY
             if not 0 < self.sparsity < 1:
                 raise ValueError(f"--sparsity {self.sparsity} is outside (0, 1)")
+        if self.actorder is not None and m != "gptq":
+            raise ValueError(f"--actorder {self.actorder} makes no sense with {m}; it only applies to gptq")
         if self.awq_grid is not None and m != "awq":
             raise ValueError(f"--awq-grid {self.awq_grid} makes no sense with {m}; it only applies to awq")
         if m == "awq":

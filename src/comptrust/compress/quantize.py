@@ -50,7 +50,7 @@ def by_width(model: torch.nn.Module, sizes: dict[str, int]) -> dict[str, int]:
     return {str(lin[n].in_features): g for n, g in sorted(sizes.items(), key=lambda kv: lin[kv[0]].in_features)}
 
 
-def _config_groups(sizes: dict[str, int], bits: int, symmetric: bool) -> dict[str, Any]:
+def _config_groups(sizes: dict[str, int], bits: int, symmetric: bool, actorder: str | None = None) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups: dict[str, Any] = {}
@@ -62,6 +62,7 @@ def _config_groups(sizes: dict[str, int], bits: int, symmetric: bool) -> dict[st
             symmetric=symmetric,
             strategy="channel" if g == 0 else "group",
             group_size=None if g == 0 else g,
+            actorder=actorder,
         )
         groups[f"group_{len(groups)}"] = QuantizationScheme(targets=targets, weights=args)
     return groups
@@ -125,7 +126,7 @@ def quantize(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: Calibrat
 
     assert cfg.bits is not None and cfg.group_size is not None
     sizes = group_sizes(model, cfg.group_size)
-    groups = _config_groups(sizes, cfg.bits, cfg.symmetric)
+    groups = _config_groups(sizes, cfg.bits, cfg.symmetric, cfg.actorder)
     info: dict[str, Any] = {
         "scheme": {
             "type": "int",
