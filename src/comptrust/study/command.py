@@ -28,6 +28,8 @@ breakdowns, provenance), results.csv (one row per variant), results.json, models
 [bold]Examples[/bold]
   comptrust study --out runs/study                 # the default study
   comptrust study --init study.yaml                # write a commented example, then edit it
+  comptrust study --preset dct-llama2-13b-chat --out runs/paper   # the paper's grid for LLAMA2 13b Chat
+  comptrust study --init --preset dct-llama2-13b-chat             # print that preset as a study file
   comptrust study study.yaml --out runs/my-study
   comptrust study --status runs/my-study           # done / pending / failed units
   comptrust study study.yaml --out runs/s --executor ray --workers 2   # units as Ray tasks
@@ -38,7 +40,8 @@ breakdowns, provenance), results.csv (one row per variant), results.json, models
 def study_command(
     spec_file: Optional[Path] = typer.Argument(None, metavar="[STUDY.yaml]", help="The study to run; omit for the default study."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (created; rerun with the same one to resume)."),
-    init: bool = typer.Option(False, "--init", help="Write a commented example study to STUDY.yaml (default study.yaml) and exit."),
+    init: bool = typer.Option(False, "--init", help="Write a commented example study to STUDY.yaml (default study.yaml) and exit; with --preset and no STUDY.yaml, print the preset's study file."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Start from a preset: dct-llama2-13b-chat, dct-llama2-13b or dct-vicuna-13b (Decoding Compressed Trust's grid for that model: GPTQ/AWQ 8/4/3-bit, magnitude/SparseGPT/Wanda 2:4, 4:8, 1:2, full DecodingTrust data). A STUDY.yaml given too overrides its keys."),
     status: Optional[Path] = typer.Option(None, "--status", help="Print the units of the study in this directory (done / pending / failed) and exit."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
     executor: str = typer.Option("local", "--executor", help="local: units one after another in this process; ray: units as Ray tasks over a cluster (this process alone writes the store)."),
@@ -48,12 +51,19 @@ def study_command(
 ) -> None:
     from comptrust.study.spec import example_yaml, load_spec
 
+    if init and preset:
+        from comptrust.study.presets import preset_yaml
+
+        text = preset_yaml(preset)
+        if spec_file is None:
+            typer.echo(text, nl=False)
+            return
     if init:
         target = spec_file or Path("study.yaml")
         if target.exists():
             raise UsageError(f"{target} already exists; choose another name or remove it")
         try:
-            target.write_text(example_yaml(), encoding="utf-8")
+            target.write_text(text if preset else example_yaml(), encoding="utf-8")
         except OSError as e:
             raise UsageError(f"cannot write {target}: {e.strerror}") from None
         typer.echo(f"wrote {target}; edit it, then: comptrust study {target} --out runs/my-study")
@@ -69,7 +79,12 @@ def study_command(
         raise UsageError(f"--workers {workers}: must be at least 1")
     if executor == "local" and (ray_address or workers):
         raise UsageError("--ray-address and --workers need --executor ray")
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, preset=preset)
+    from comptrust.extras import require
+
+    # before any unit runs: compressions need [compress], the report written at the end needs [report]
+    needed = ["report"] + (["compress"] if any(not (v.is_dense or v.is_gguf) for v in spec.variants) else [])
+    require("this study", *needed)
     from comptrust.study.runner import run_study
 
     analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address, workers=workers,
@@ -88,7 +103,7 @@ def _print_status(out: Path) -> None:
     spec = load_study(out)
     if not (out / STORE_NAME).is_file():
         raise UsageError(f"{out} has no {STORE_NAME}: the study never ran there")
-    with Store(out / STORE_NAME) as store:
+    with Store(out / STORE_NAME, readonly=True) as store:  # a query: works on read-only media, never writes
         rows = Plan.of(spec).status(store.units())
     t = Table(title=f"study units in {out}")
     for col in ("unit", "status", "seconds", "error"):
@@ -110,7 +125,7 @@ def _print_summary(out: Path, analysis: dict) -> None:
 
     variants = analysis["variants"]
     persp = [p for p in COLUMN_ORDER if any(p in v["perspectives"] for v in variants.values())]
-    t = Table(title="study results (mean over seeds; delta vs dense)")
+    t = Table(title="study results (mean over seeds; delta vs dense; verdict)")
     t.add_column("variant")
     for p in persp:
         t.add_column(p, justify="right")
@@ -123,7 +138,11 @@ def _print_summary(out: Path, analysis: dict) -> None:
             elif name == analysis["dense"]:
                 cells.append(f"{c['mean']:.1f}")
             else:
-                cells.append(f"{c['mean']:.1f} ({c.get('delta', 0):+.1f}{'*' if c.get('significant') else ''})")
+                vd = (c.get("verdict") or {}).get("verdict")
+                mark = {"keeps": " keeps", "loses": " loses", "undecided": " undecided"}.get(vd, "")
+                if c.get("flags"):
+                    mark += " [" + ", ".join(c["flags"]) + "]"
+                cells.append(f"{c['mean']:.1f} ({c.get('delta', 0):+.1f}{'*' if c.get('significant') else ''}){mark}")
         t.add_row(name, *cells)
     c = Console()
     c.print(t)
@@ -133,7 +152,10 @@ def _print_summary(out: Path, analysis: dict) -> None:
 
 def report_command(out: Path = typer.Argument(..., metavar="DIR", help="A study directory.")) -> None:
     """Rebuild report.html, results.csv and results.json of a study from its store."""
+    from comptrust.extras import require
     from comptrust.report import write_report
+
+    require("comptrust report", "report")
 
     analysis = write_report(out)
     _print_summary(out, analysis)
