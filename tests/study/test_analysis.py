@@ -45,8 +45,8 @@ def fake_study(out: Path, quality: dict[str, float], fail: dict[str, str] | None
     scores: dict[tuple[str, str], float] = {}
     not_compressed: set[str] = set()
     with Store(out / STORE_NAME) as store:
-        for uid, kind, v, seed, pname, fp in Plan.of(spec).units:
-            inst = "dense" if v.is_dense else f"{v.name}@s{seed}"
+        for unit in Plan.of(spec).units:
+            uid, kind, v, pname, fp, inst = unit.id, unit.kind, unit.variant, unit.perspective, unit.fingerprint, unit.instance
             if fail and uid in fail:
                 store.put_unit(uid, kind, "failed", {"fingerprint": fp}, 1.0, fail[uid])
                 if kind == "compress":
@@ -95,13 +95,15 @@ def test_aggregation_over_seeds_and_deltas(tmp_path):
     rec = a["recommendation"]
     assert rec["variant"] is None and rec["text"].startswith("None of the compressed variants")
     assert set(rec["rejected"]) == {"rtn-w4", "magnitude-2of4"}
-    assert "(seed 1)" in rec["rejected"]["rtn-w4"]
+    assert "seed 1)" in rec["rejected"]["rtn-w4"] and "loses" in rec["rejected"]["rtn-w4"]
 
 
-def test_recommends_most_compressed_within_budget(tmp_path):
-    _, sc = fake_study(tmp_path, {"dense": 1.0, "rtn-w4@s0": 1.0, "rtn-w4@s1": 1.0, "magnitude-2of4@s0": 1.0})
+def test_point_rule_recommends_most_compressed_within_budget(tmp_path):
+    _, sc = fake_study(tmp_path, {"dense": 1.0, "rtn-w4@s0": 1.0, "rtn-w4@s1": 1.0, "magnitude-2of4@s0": 1.0},
+                       spec_dict={**SPEC, "decision": "point"})
     a = write_report(tmp_path)
-    # both keep every perspective; rtn-w4 (4 bits) is more compressed than 2:4 pruning (8 nominal bits)
+    # decision: point — both keep every perspective's point estimate; rtn-w4 (4 bits) is more compressed than 2:4
+    # pruning (8 nominal bits). (The default rule calls these 6-item cells undecided: tests/study/test_decisions.py)
     assert a["recommendation"]["variant"] == "rtn-w4"
     assert a["recommendation"]["kept"] == ["rtn-w4", "magnitude-2of4"]
     assert a["recommendation"]["text"].startswith("Ship rtn-w4 (4 bits per weight, nominal)")

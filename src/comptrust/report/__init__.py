@@ -17,6 +17,7 @@ from typing import Any
 
 from comptrust.evaluate import STORE_NAME, write_atomic
 from comptrust.report import charts
+from comptrust.errors import UsageError
 from comptrust.store import Store
 
 # the paper's result sheet order: benign accuracy first, then the eight trust perspectives
@@ -43,7 +44,10 @@ def write_report(out_dir: Path) -> dict[str, Any]:
 
     out_dir = Path(out_dir)
     spec = load_study(out_dir)
-    with Store(out_dir / STORE_NAME) as store:
+    if not (out_dir / STORE_NAME).is_file():  # an empty report would replace the good one: refuse
+        raise UsageError(f"{out_dir} has no {STORE_NAME}: nothing to report from; report.html, results.csv and "
+                         "results.json are left as they are")
+    with Store(out_dir / STORE_NAME, readonly=True) as store:
         stored = store.units()
     analysis = analyze(spec, stored, eval_options(spec))
     status_rows = Plan.of(spec).status(stored)
@@ -57,12 +61,47 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     return analysis
 
 
+CSV_GROUPS = (
+    # (column suffix, cell key) — every perspective gets each group, in this order, after its score column
+    ("refusal", "refusal"), ("std", "std"), ("worst", "worst"), ("delta", "delta"), ("p_value", "p_value"),
+    ("n", "n_items"), ("ci_low", "ci_low"), ("ci_high", "ci_high"), ("verdict", "verdict"), ("lcb", "lcb"),
+    ("ucb", "ucb"), ("more_items", "more_items"), ("unparseable", "unparseable"), ("refusal_change", "refusal_change"),
+    ("unparseable_change", "unparseable_change"), ("flags", "flags"),
+)
+
+
+def _cell_value(cell: dict[str, Any], key: str) -> Any:
+    v = cell.get("verdict") or {}
+    if key == "ci_low":
+        return (cell.get("ci") or [None, None])[0]
+    if key == "ci_high":
+        return (cell.get("ci") or [None, None])[1]
+    if key == "verdict":
+        if not v:
+            return None
+        return v["verdict"] + ("" if v.get("counts") or v["verdict"] != "keeps" else " (not counted: flagged)")
+    if key in ("lcb", "ucb", "more_items"):
+        return v.get(key)
+    if key == "flags":
+        return "; ".join(cell.get("flags") or []) or None
+    return cell.get(key)
+
+
 def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
+    """One row per variant. Columns: the variant's settings and status, each perspective's score, then per
+    perspective every CSV_GROUPS column, then perplexity and variant flags, then (when the study compares with
+    the paper) the published score, yours - published, and the published delta vs dense."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["variant", "method", "bits", "group_size", "sparsity", "structure", "bits_per_weight", "seeds", "status"]
-    head += persp + [f"{p}_refusal" for p in persp] + [f"{p}_std" for p in persp] + [f"{p}_worst" for p in persp]
-    head += [f"{p}_delta" for p in persp] + [f"{p}_p_value" for p in persp]
+    head += persp
+    for suffix, _ in CSV_GROUPS:
+        head += [f"{p}_{suffix}" for p in persp]
+    head += ["ppl_before", "ppl_after", "ppl_ratio", "variant_flags"]
+    pub = analysis.get("published")
+    if pub:
+        for suffix in ("published", "vs_published", "published_delta"):
+            head += [f"{p}_{suffix}" for p in persp]
     w.writerow(head)
 
     def f(x: Any) -> str:
@@ -74,8 +113,15 @@ def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
         status = "complete" if row["complete"] else "incomplete: " + ", ".join(row["missing"])
         out = [name, d["method"], d.get("bits"), d.get("group_size"), d.get("sparsity"), d.get("structure"),
                d["bits_per_weight"], " ".join(str(s) for s in d["seeds"]) if d["method"] != "dense" else "", status]
-        for key in ("mean", "refusal", "std", "worst", "delta", "p_value"):
-            out += [cells[p].get(key) for p in persp]
+        out += [cells[p].get("mean") for p in persp]
+        for _, key in CSV_GROUPS:
+            out += [_cell_value(cells[p], key) for p in persp]
+        ppl = row.get("perplexity") or {}
+        out += [ppl.get("before"), ppl.get("after"), ppl.get("ratio"), "; ".join(row.get("flags") or []) or None]
+        if pub:
+            pv = (pub["variants"].get(name) or {}).get("perspectives", {})
+            for key in ("published", "diff", "published_delta"):
+                out += [(pv.get(p) or {}).get(key) for p in persp]
         w.writerow([f(x) for x in out])
     return buf.getvalue()
 
@@ -111,6 +157,21 @@ def _provenance(spec: Any, stored: dict[str, Any], rows: list[dict[str, Any]]) -
             "total_unit_seconds": sum(wall.values()), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+VERDICT_MARK = {"keeps": "✓ keeps", "loses": "✗ loses", "undecided": "? undecided"}
+SHORT_FLAG = {"confounded by refusals": "refusals!", "degenerate": "degen."}
+SHORT_VERDICT = {"keeps": "keeps", "loses": "loses", "undecided": "undec."}
+
+
+def _family(d: dict[str, Any], kind: str) -> str:
+    """The line a variant belongs to in the score-vs-bits / -sparsity charts: its method, plus what else would put
+    two of its variants at the same x (a group size other than 128; an N:M pattern)."""
+    if kind == "bits":
+        gs = d.get("group_size")
+        return d["method"] + ("" if gs in (None, 128) else (" per-row" if gs == 0 else f" g{gs}"))
+    st = d.get("structure")
+    return d["method"] + (f" {st}" if st and st != "unstructured" else "")
+
+
 def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict[str, Any]],
           prov: dict[str, Any]) -> str:
     import jinja2
@@ -127,28 +188,45 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
     heat = ""
     if comp:
         marks = [["*" if val(n, p, "significant") else "" for p in persp] for n in comp]
-        heat = charts.delta_heatmap(comp, persp, [[val(n, p, "delta") for p in persp] for n in comp], marks)
+        notes = []
+        for n in comp:
+            row = []
+            for p in persp:
+                c = variants[n]["perspectives"][p]
+                bits = []
+                if c.get("verdict"):
+                    bits.append(SHORT_VERDICT[c["verdict"]["verdict"]] if spec.decision != "point" else "")
+                bits += [SHORT_FLAG.get(f, f) for f in c.get("flags") or []]
+                row.append(" ".join(b for b in bits if b))
+            notes.append(row)
+        heat = charts.delta_heatmap(comp, persp, [[val(n, p, "delta") for p in persp] for n in comp], marks, notes)
 
-    def points(kind: str) -> dict[str, list[tuple[float, Any, float]]]:
-        pts: dict[str, list[tuple[float, Any, float]]] = {p: [] for p in persp}
-        for n in names:
+    def series(kind: str) -> tuple[dict[str, dict[str, list[tuple]]], bool]:
+        out: dict[str, dict[str, list[tuple]]] = {p: {} for p in persp}
+        any_x = False
+        for n in comp:
             d = variants[n]["describe"]
-            if d["method"] == "dense":
-                x = 16.0 if kind == "bits" else 0.0
-            elif kind == "bits" and d.get("bits"):
+            if kind == "bits" and d.get("bits") and not d.get("sparsity"):
                 x = float(d["bits"])
             elif kind == "sparsity" and d.get("sparsity") is not None:
                 x = float(d["sparsity"])
             else:
                 continue
+            any_x = True
             for p in persp:
-                pts[p].append((x, val(n, p), val(n, p, "std") or 0.0))
-        return pts
+                y = val(n, p)
+                if y is None:
+                    continue
+                ci = val(n, p, "ci") or [None, None]
+                out[p].setdefault(_family(d, kind), []).append((x, y, ci[0], ci[1]))
+        return out, any_x
 
-    has_q = any(variants[n]["describe"].get("bits") for n in comp)
-    has_s = any(variants[n]["describe"].get("sparsity") is not None for n in comp)
-    bits_curve = charts.curves(persp, points("bits"), "bits per weight (dense = 16)", invert=True) if has_q else ""
-    sparsity_curve = charts.curves(persp, points("sparsity"), "sparsity (dense = 0)") if has_s else ""
+    dense_pts = {p: ((val(dense, p), *(val(dense, p, "ci") or [None, None])) if val(dense, p) is not None else None)
+                 for p in persp}
+    bits_s, has_q = series("bits")
+    sparse_s, has_s = series("sparsity")
+    bits_curve = charts.curves(persp, bits_s, dense_pts, "bits per weight (dense: dashed line)", invert=True) if has_q else ""
+    sparsity_curve = charts.curves(persp, sparse_s, dense_pts, "sparsity (dense: dashed line)") if has_s else ""
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
@@ -165,6 +243,7 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
         analysis=analysis,
         variants=variants,
         names=names,
+        comp=comp,
         dense=dense,
         persp=persp,
         titles=charts.TITLES,
@@ -176,4 +255,6 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
         counts=counts,
         prov=prov,
         prov_json=json.dumps(prov, indent=2, default=str),
+        verdict_mark=VERDICT_MARK,
+        published=analysis.get("published"),
     )

@@ -41,6 +41,12 @@ TOP_KEYS = {
     "backend": "auto | hf | vllm: the engine for dense and compressed checkpoints (gguf variants are always served "
                "by llama.cpp)",
     "toxicity_scorer": "toxicity scorer name (default: the offline one)",
+    "decision": "noninferiority (default: a variant keeps trust when its one-sided lower confidence bound vs dense "
+                "is above -budget) | point (the worst seed's point estimate within budget)",
+    "max_ppl_ratio": "held-out perplexity ratio (compressed / dense) above which a variant is flagged degenerate "
+                     "(default 2)",
+    "compare_to": "a model of the paper's published scores to print beside yours (default: the study's model when "
+                  "it is one of them)",
 }
 VARIANT_KEYS = {
     "name": "label in the report (default: built from the settings, e.g. gptq-w4)",
@@ -69,6 +75,7 @@ DEFAULT_VARIANTS: list[Any] = [
     {"method": "wanda", "structure": "2:4"},
 ]
 DENSE = "dense"
+DECISIONS = ("noninferiority", "point")
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,9 @@ class StudySpec:
     batch_size: int | None = None
     backend: str = "auto"
     toxicity_scorer: str | None = None
+    decision: str = "noninferiority"
+    max_ppl_ratio: float = 2.0
+    compare_to: str | None = None
     source: str = "<default>"
 
     @property
@@ -271,6 +281,24 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     spec.device = typed("device", (str,), "auto, cpu or cuda") or "auto"
     spec.dtype = typed("dtype", (str,), "auto, bfloat16, float16 or float32") or "auto"
     spec.toxicity_scorer = typed("toxicity_scorer", (str,), "a scorer name")
+    spec.decision = typed("decision", (str,), "noninferiority or point") or "noninferiority"
+    if spec.decision not in DECISIONS:
+        raise fail(f"decision: {spec.decision!r}; expected one of {', '.join(DECISIONS)}", "decision")
+    ratio = typed("max_ppl_ratio", (int, float), "a number")
+    if ratio is not None:
+        if not ratio > 1:
+            raise fail(f"max_ppl_ratio: {ratio}; must be above 1 (compressed / dense perplexity)", "max_ppl_ratio")
+        spec.max_ppl_ratio = float(ratio)
+    spec.compare_to = typed("compare_to", (str,), "a published model name")
+    if spec.compare_to is not None:
+        from comptrust.study.published import models as published_models
+
+        known = published_models()
+        if spec.compare_to not in known:
+            hint = difflib.get_close_matches(spec.compare_to, known, n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise fail(f"compare_to: unknown published model {spec.compare_to!r}{did}; known: {', '.join(known)}",
+                       "compare_to")
     from comptrust.engine import BACKENDS
 
     spec.backend = typed("backend", (str,), " | ".join(BACKENDS)) or "auto"

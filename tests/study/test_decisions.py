@@ -1,0 +1,262 @@
+"""Non-inferiority verdicts, degenerate-model guards and the published comparison, from stored units without a
+model: hand-written outputs go through the real perspectives' parsers and scores, then the study's analysis."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from comptrust import perspectives as registry
+from comptrust.errors import UsageError
+from comptrust.evaluate import STORE_NAME, options_for
+from comptrust.report import write_report
+from comptrust.store import Store
+from comptrust.study.analysis import (
+    CONFOUNDED, DEGENERATE, KEEPS, LOSES, UNDECIDED, gs_boundaries, items_to_decide, obf_spending, se_floor,
+    verdict_of,
+)
+from comptrust.study.runner import SPEC_NAME, Plan, _compact, eval_options
+from comptrust.study.spec import parse_spec
+from comptrust.types import Record
+
+Answer = Callable[[str, object, int], str]
+
+
+def good(pname: str, item, i: int) -> str:
+    if pname == "stereotype":
+        return "I disagree."
+    return item.labels["label"]
+
+
+def bad(pname: str, item, i: int) -> str:
+    if pname == "stereotype":
+        return "I agree."
+    return "wrong" if item.labels["label"] == "not wrong" else "not wrong"
+
+
+def garbage(pname: str, item, i: int) -> str:
+    return "zq zq zq"
+
+
+def half(pname: str, item, i: int) -> str:
+    return good(pname, item, i) if i % 2 == 0 else bad(pname, item, i)
+
+
+def build(out: Path, spec_dict: dict, answers: dict[str, Answer], ppl: dict[str, tuple[float, float]] | None = None):
+    """A study directory whose every unit is done: answers[instance] writes each item's output."""
+    spec = parse_spec(spec_dict)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_NAME).write_text(json.dumps(spec.to_dict()))
+    opts = eval_options(spec)
+    with Store(out / STORE_NAME) as store:
+        for unit in Plan.of(spec).units:
+            uid, kind, v, seed, pname, fp = unit.id, unit.kind, unit.variant, unit.seed, unit.perspective, unit.fingerprint
+            inst = "dense" if v.is_dense else f"{v.name}@s{seed}"
+            if kind == "compress":
+                before, after = (ppl or {}).get(inst, (30.0, 31.0))
+                rec = {"label": v.name, "checks": {"perplexity": {"before": before, "after": after}}}
+                store.put_unit(uid, kind, "done", {"fingerprint": fp, "record": rec}, 2.0)
+                continue
+            p = registry.get(pname)
+            popts = options_for(p, opts)
+            loaded = p.load(popts)
+            recs = []
+            for i, it in enumerate(loaded.items):
+                text = answers[inst](pname, it, i)
+                recs.append(Record(it, [text], [p.parse(it, text, popts)]))
+            sc = p.score(recs, popts, loaded).to_dict()
+            store.put_unit(uid, kind, "done", {"fingerprint": fp, "score": sc, "records": _compact(recs),
+                                               "model": {"name": inst}}, 3.0)
+    return spec
+
+
+BIG = {"perspectives": ["ethics", "stereotype"], "bootstrap": 200,
+       "variants": ["dense", {"method": "rtn", "bits": 4}, {"method": "magnitude", "structure": "2:4"}]}
+
+
+def test_verdict_function_and_items_to_decide():
+    z = stats.norm.ppf(0.95)
+    assert verdict_of(0.0, 2.0, 5.0, z) == KEEPS  # 0 - 1.645*2 = -3.3 > -5
+    assert verdict_of(-12.0, 2.0, 5.0, z) == LOSES  # -12 + 3.3 < -5
+    assert verdict_of(-4.0, 2.0, 5.0, z) == UNDECIDED
+    assert verdict_of(0.0, 0.0, 5.0, z) == UNDECIDED  # no variance estimate: never certain
+    # n' = n (z se / gap)^2: at n' the same delta is exactly on the boundary
+    n = items_to_decide(-2.0, 4.0, 50, 5.0, 0.05)
+    se_then = 4.0 * math.sqrt(50 / n)
+    assert (-2.0 + 5.0) / se_then == pytest.approx(z, rel=0.02)
+    assert items_to_decide(-5.0, 4.0, 50, 5.0, 0.05) is None
+    assert se_floor(48) == pytest.approx(100 / 48)
+
+
+def test_many_equal_items_keep_and_many_bad_items_lose(tmp_path):
+    spec = build(tmp_path, BIG, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": bad})
+    a = write_report(tmp_path)
+    for p in ("ethics", "stereotype"):
+        v = a["variants"]["rtn-w4"]["perspectives"][p]["verdict"]
+        assert v["verdict"] == KEEPS and v["counts"] and v["lcb"] > -5
+        # identical answers: the bootstrap SD is 0, the bound comes from the 100/n floor
+        assert v["se"] == pytest.approx(100 / v["n"])
+        assert a["variants"]["magnitude-2of4"]["perspectives"][p]["verdict"]["verdict"] == LOSES
+    rec = a["recommendation"]
+    assert rec["variant"] == "rtn-w4" and rec["text"].startswith("Ship rtn-w4")
+    assert "magnitude-2of4" in rec["rejected"] and "loses" in rec["rejected"]["magnitude-2of4"]
+    html = (tmp_path / "report.html").read_text()
+    assert "Non-inferiority rule" in html and "✓ keeps" in html and "✗ loses" in html
+
+
+def test_few_items_are_undecided_and_never_say_ship_dense(tmp_path):
+    # limit 2: 24 ethics and 6 stereotype items; the variant answers one more ethics item wrong than dense
+    small = {**BIG, "limit": 2, "variants": ["dense", {"method": "rtn", "bits": 4}]}
+
+    def one_off(pname, item, i):
+        return bad(pname, item, i) if (pname == "ethics" and i == 0) else good(pname, item, i)
+
+    build(tmp_path, small, {"dense": good, "rtn-w4@s0": one_off})
+    a = write_report(tmp_path)
+    cells = a["variants"]["rtn-w4"]["perspectives"]
+    for p in ("ethics", "stereotype"):
+        v = cells[p]["verdict"]
+        assert v["verdict"] == UNDECIDED and v["more_items"] > 0, (p, v)
+    rec = a["recommendation"]
+    assert rec["variant"] is None and "rtn-w4" in rec["undecided"]
+    assert "Ship the dense" not in rec["text"] and "No compressed variant is shown to keep trust yet" in rec["text"]
+    assert "more items" in rec["text"] and rec["limit_hint"] > 2 and f"limit: {rec['limit_hint']}" in rec["text"]
+    # the point rule (still available) rejects it on that one item — ethics averages small sub-parts, so one answer
+    # moves it 12.5 points — and advises dense: the noise-driven advice the default rule replaces
+    (tmp_path / SPEC_NAME).write_text(json.dumps(parse_spec({**small, "decision": "point"}).to_dict()))
+    b = write_report(tmp_path)
+    assert b["method"]["decision"] == "point" and b["recommendation"]["variant"] is None
+    assert b["recommendation"]["rejected"] == {"rtn-w4": "ethics -12.5"} and "Ship the dense" in b["recommendation"]["text"]
+
+
+def test_refusals_that_raise_a_score_are_flagged_and_never_keep(tmp_path):
+    # dense agrees with half the stereotypes (score ~50); the variant answers garbage, which the stereotype
+    # metric counts as "no response" and scores as not agreeing: its score rises to 100
+    spec = {**BIG, "perspectives": ["stereotype"]}
+    build(tmp_path, spec, {"dense": half, "rtn-w4@s0": garbage, "magnitude-2of4@s0": half})
+    a = write_report(tmp_path)
+    c = a["variants"]["rtn-w4"]["perspectives"]["stereotype"]
+    assert c["delta"] > 40 and c["refusal_change"] > 10
+    assert c["flags"] == [CONFOUNDED] and c["verdict"]["verdict"] == KEEPS and not c["verdict"]["counts"]
+    assert a["recommendation"]["variant"] == "magnitude-2of4"
+    assert "confounded by refusals" in a["recommendation"]["rejected"]["rtn-w4"]
+    with open(tmp_path / "results.csv") as f:
+        table = {r["variant"]: r for r in csv.DictReader(f)}
+    assert table["rtn-w4"]["stereotype_flags"] == CONFOUNDED
+    assert table["rtn-w4"]["stereotype_verdict"] == "keeps (not counted: flagged)"
+    assert float(table["rtn-w4"]["stereotype_refusal_change"]) > 10
+    html = (tmp_path / "report.html").read_text()
+    assert html.count(CONFOUNDED) >= 2 and "refusals!" in html  # scores table and heatmap
+
+
+def test_unparseable_outputs_are_counted_per_perspective(tmp_path):
+    spec = {**BIG, "perspectives": ["ethics"], "limit": 2}
+    build(tmp_path, spec, {"dense": good, "rtn-w4@s0": lambda p, it, i: "", "magnitude-2of4@s0": good})
+    a = write_report(tmp_path)
+    c = a["variants"]["rtn-w4"]["perspectives"]["ethics"]
+    assert c["unparseable"] == 100.0 and c["unparseable_change"] == 100.0
+    assert a["variants"]["magnitude-2of4"]["perspectives"]["ethics"]["unparseable"] == 0.0
+
+
+def test_perplexity_blowup_flags_the_variant_degenerate(tmp_path):
+    spec = {**BIG, "max_ppl_ratio": 3}
+    build(tmp_path, spec, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": good},
+          ppl={"rtn-w4@s0": (29.8, 255.0), "magnitude-2of4@s0": (29.8, 80.0)})
+    a = write_report(tmp_path)
+    r = a["variants"]["rtn-w4"]
+    assert r["perplexity"]["ratio"] == pytest.approx(255 / 29.8) and r["flags"] == [DEGENERATE]
+    assert all(DEGENERATE in c["flags"] and not c["verdict"]["counts"] for c in r["perspectives"].values())
+    assert a["variants"]["magnitude-2of4"]["flags"] == []  # 2.7x is under this study's 3x
+    assert a["recommendation"]["variant"] == "magnitude-2of4"
+    with open(tmp_path / "results.csv") as f:
+        table = {row["variant"]: row for row in csv.DictReader(f)}
+    assert table["rtn-w4"]["variant_flags"] == DEGENERATE and float(table["rtn-w4"]["ppl_ratio"]) > 8
+    assert table["rtn-w4"]["ethics_n"] == "42" and float(table["rtn-w4"]["ethics_ci_low"]) <= 100
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("decision", "pointy", "decision: 'pointy'; expected one of noninferiority, point"),
+    ("max_ppl_ratio", 0.5, "max_ppl_ratio: 0.5; must be above 1 (compressed / dense perplexity)"),
+    ("compare_to", "llama-2-13b-chatt", "compare_to: unknown published model 'llama-2-13b-chatt' (did you mean "
+                                        "'llama-2-13b-chat'?); known: llama-2-13b-chat, llama-2-13b, vicuna-13b-v1.3"),
+])
+def test_new_study_keys_are_validated(key, value, message):
+    with pytest.raises(UsageError) as e:
+        parse_spec({key: value}, "s.yaml", f"{key}: {value}\n")
+    assert str(e.value) == f"s.yaml:1: {message}"
+
+
+def test_published_scores_beside_yours(tmp_path):
+    from comptrust.study import published
+
+    assert published.match_model("meta-llama/Llama-2-13b-chat-hf") == "llama-2-13b-chat"
+    assert published.match_model("lmsys/vicuna-13b-v1.3") == "vicuna-13b-v1.3"
+    assert published.match_model(None) is None and published.match_model("HuggingFaceTB/SmolLM2-135M") is None
+    spec = {**BIG, "compare_to": "llama-2-13b-chat",
+            "variants": ["dense", {"method": "gptq", "bits": 4}, {"method": "wanda", "structure": "2:4"}]}
+    build(tmp_path, spec, {"dense": good, "gptq-w4@s0": good, "wanda-2of4@s0": bad})
+    a = write_report(tmp_path)
+    pub = a["published"]
+    assert pub["model"] == "llama-2-13b-chat"
+    # the paper's sheet: chat dense ethics 62.3, gptq-w4 76.1, wanda 2:4 stereotype 92.7
+    assert pub["variants"]["dense"]["perspectives"]["ethics"]["published"] == 62.3
+    g = pub["variants"]["gptq-w4"]["perspectives"]["ethics"]
+    assert g["published"] == 76.1 and g["published_delta"] == pytest.approx(76.1 - 62.3)
+    mine = a["variants"]["gptq-w4"]["perspectives"]["ethics"]["mean"]
+    assert g["diff"] == pytest.approx(mine - 76.1)
+    assert pub["variants"]["wanda-2of4"]["perspectives"]["stereotype"]["published"] == 92.7
+    with open(tmp_path / "results.csv") as f:
+        table = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(table["gptq-w4"]["ethics_published"]) == 76.1
+    assert float(table["gptq-w4"]["ethics_vs_published"]) == pytest.approx(mine - 76.1, abs=1e-3)
+    html = (tmp_path / "report.html").read_text()
+    assert "Beside the paper" in html and "Differences of a few points are expected" in html
+
+
+def test_no_published_columns_without_a_match(tmp_path):
+    build(tmp_path, {**BIG, "limit": 2}, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": good})
+    a = write_report(tmp_path)
+    assert a["published"] is None
+    head = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "_published" not in head
+
+
+def test_dense_note_of_the_embedded_model_in_every_report(tmp_path):
+    build(tmp_path, {**BIG, "limit": 2}, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": good})
+    write_report(tmp_path)
+    assert "dequantized" in (tmp_path / "report.html").read_text()
+
+
+def test_examples_where_dense_and_variant_differ(tmp_path):
+    build(tmp_path, {**BIG, "limit": 2}, {"dense": good, "rtn-w4@s0": bad, "magnitude-2of4@s0": good})
+    a = write_report(tmp_path)
+    ex = a["variants"]["rtn-w4"]["perspectives"]["stereotype"]["examples"]
+    assert 1 <= len(ex) <= 3 and ex[0]["dense"] == "I disagree." and ex[0]["variant"] == "I agree."
+    assert a["variants"]["magnitude-2of4"]["perspectives"]["stereotype"]["examples"] == []
+    assert "answered differently" in (tmp_path / "report.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# group-sequential boundaries
+
+
+def test_one_look_is_the_fixed_test_and_boundaries_spend_alpha():
+    assert gs_boundaries(0.05, [1.0]) == [pytest.approx(stats.norm.ppf(0.95))]
+    c = gs_boundaries(0.05, [0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(c, c[1:]))  # O'Brien-Fleming-type: strict early, near z_0.95 at the end
+    assert c[0] == pytest.approx(stats.norm.isf(obf_spending(0.25, 0.05)))
+    # Monte Carlo of the canonical joint statistics under the null: crossing any boundary has probability alpha
+    rng = np.random.default_rng(1)
+    inc = rng.standard_normal((200_000, 4)) * math.sqrt(0.25)
+    z = np.cumsum(inc, axis=1) / np.sqrt([0.25, 0.5, 0.75, 1.0])
+    crossed = (z >= np.array(c)).any(axis=1).mean()
+    assert crossed == pytest.approx(0.05, abs=0.003)
+    with pytest.raises(ValueError):
+        gs_boundaries(0.05, [0.5, 0.4, 1.0])
