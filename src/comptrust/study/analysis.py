@@ -349,6 +349,9 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
             if errors:
                 missing.append(pname)
             cell: dict[str, Any] = {"errors": errors, "seeds": {i: s["score"] for i, s in scores.items()}, "flags": []}
+            # what the perspective said about its own score (loader notes, parts not scorable): shown in the report
+            cell["notes"] = list(dict.fromkeys(n for s in scores.values() for n in s.get("notes") or []))
+            cell["not_scorable"] = {k: why for s in scores.values() for k, why in (s.get("not_scorable") or {}).items()}
             vals = [s["score"] for s in scores.values() if s["score"] is not None]
             if vals:
                 worst_inst = min((i for i in scores if scores[i]["score"] is not None), key=lambda i: scores[i]["score"])
