@@ -163,6 +163,7 @@ def _run(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProce
 
 @pytest.mark.parametrize("argv,needle", [
     (["compress", "--method", "gptq", "--out", "OUT"], "comptrust compress needs the [compress]"),
+    (["study", "--out", "OUT"], "this study needs the [report]"),
     (["report", "OUT"], "comptrust report needs the [report]"),
 ])
 def test_commands_check_extras_before_any_work(tmp_path, argv, needle):

@@ -1,15 +1,90 @@
 """comptrust: does compressing an LLM keep it trustworthy?
 
-Compress a model (GPTQ, AWQ, pruning), evaluate it on the eight DecodingTrust perspectives plus MMLU,
-and compare against the dense model. The public entry points are the ``comptrust`` command and
-:func:`comptrust.evaluate.evaluate`.
+Compress a model (GPTQ, AWQ, pruning), evaluate it on the eight DecodingTrust perspectives plus MMLU, and compare
+against the dense model. The public API (``comptrust.api``; the CLI calls the same functions):
+
+    comptrust.evaluate(model=None, perspectives=[...], out=DIR, **config) -> EvalResult
+    comptrust.compress(model=None, method=..., out=DIR, **settings)       -> CompressResult
+    comptrust.run_study(spec, out=DIR)                                    -> StudyResult (.to_pandas())
+    comptrust.load_study(DIR) / comptrust.build_report(DIR)               -> StudyResult
+    comptrust.EvalConfig                                                  the validated run settings
+
+Everything is imported on first use (module ``__getattr__``), so ``import comptrust`` stays fast and pulls in
+neither torch nor transformers.
+
+Two names are also subpackages: ``comptrust.evaluate`` (the module evaluate.py) and ``comptrust.compress``. Once
+imported, a submodule is set as an attribute of this package and would shadow the function of the same name, so
+both modules are made callable (their class is switched to one whose ``__call__`` is the API function): code that
+uses them as modules (``from comptrust.evaluate import ...``, monkeypatching) is unaffected, and
+``comptrust.evaluate(...)`` / ``comptrust.compress(...)`` call the API.
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib as _importlib
 import os as _os
+import sys as _sys
+import types as _types
+from typing import Any as _Any
 
 # With OpenMP's default spin-waiting, two processes sharing a small CPU slow each other down ~30x (measured here:
 # 66 s vs 2.6 s for the same 3 prompts while another torch job ran). Passive waiting costs little when alone.
 # Must be set before torch is imported; a value the user set wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# public name -> "module:attribute", imported on first access
+_LAZY = {
+    "run_study": "comptrust.api:run_study",
+    "load_study": "comptrust.api:load_study",
+    "build_report": "comptrust.api:build_report",
+    "EvalConfig": "comptrust.config:EvalConfig",
+    "EvalResult": "comptrust.results:EvalResult",
+    "PerspectiveResult": "comptrust.results:PerspectiveResult",
+    "StudyResult": "comptrust.results:StudyResult",
+    "CompressResult": "comptrust.results:CompressResult",
+    "UsageError": "comptrust.errors:UsageError",
+}
+# names that are both a submodule and an API function
+_CALLABLE_MODULES = {"evaluate": "comptrust.api:evaluate", "compress": "comptrust.api:compress"}
+
+__all__ = ["__version__", "evaluate", "compress", *_LAZY]
+
+
+def _target(spec: str) -> _Any:
+    mod, attr = spec.split(":")
+    return getattr(_importlib.import_module(mod), attr)
+
+
+class _CallableModule(_types.ModuleType):
+    """A module that can be called: ``comptrust.evaluate(...)`` runs ``comptrust.api.evaluate(...)``."""
+
+    def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
+        return _target(_CALLABLE_MODULES[self.__name__.rsplit(".", 1)[1]])(*args, **kwargs)
+
+
+class _Package(_types.ModuleType):
+    """This package's module type: makes evaluate/compress callable whenever the import system sets them."""
+
+    def __setattr__(self, name: str, value: _Any) -> None:
+        if name in _CALLABLE_MODULES and isinstance(value, _types.ModuleType) and type(value) is _types.ModuleType:
+            value.__class__ = _CallableModule
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _CALLABLE_MODULES:
+        return _importlib.import_module(f"{__name__}.{name}")  # the import sets (and converts) the attribute
+    if name in _LAZY:
+        value = _target(_LAZY[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'comptrust' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

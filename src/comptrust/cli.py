@@ -113,52 +113,15 @@ def evaluate(
 
       comptrust evaluate --backend llamacpp -p stereotype --out runs/smol-llamacpp
     """
-    from comptrust import perspectives as registry
-    from comptrust.data_sources import dt_dir, mini_dir, mmlu_dir as find_mmlu
-    from comptrust.engine.select import open_engine
-    from comptrust.evaluate import check_out_dir, discard_if_unused, evaluate as run_eval
-    from comptrust.perspectives.base import PROFILES, EvalOptions
+    from comptrust.api import evaluate as run_evaluate
+    from comptrust.config import EvalConfig
 
-    if suite not in ("mini", "dt"):
-        raise UsageError(f"--suite {suite}: expected mini or dt")
-    profile = profile or ("mini" if suite == "mini" else "lite")
-    if profile not in PROFILES:
-        raise UsageError(f"--profile {profile}: expected one of {', '.join(PROFILES)}")
-    if limit is not None and limit <= 0:
-        raise UsageError(f"--limit {limit}: must be a positive number of items")
-    if n is not None and n <= 0:
-        raise UsageError(f"--n {n}: must be a positive number of samples")
-    if batch_size is not None and batch_size <= 0:
-        raise UsageError(f"--batch-size {batch_size}: must be positive")
-    names = registry.parse_list(perspectives)
-    if toxicity_scorer and "toxicity" not in names:
-        print(f"warning: --toxicity-scorer {toxicity_scorer} is not used: toxicity is not among the perspectives",
-              file=sys.stderr)
-    created = not out.expanduser().exists()
-    check_out_dir(out)
-    try:
-        root = mini_dir() if suite == "mini" else dt_dir(data_dir)
-        opts = EvalOptions(
-            data_dir=root,
-            profile=profile,
-            limit=limit,
-            n=n,
-            seed=seed,
-            dt_quirks=dt_quirks,
-            original_scoring=original_scoring,
-            mmlu_dir=find_mmlu(mmlu_dir, root),
-        )
-        if "toxicity" in names:  # built now, so that a bad scorer (no key, model not found) fails before generating
-            from comptrust.perspectives.toxicity import resolve_scorer
-            from comptrust.toxicity_scorers import get_scorer
-
-            opts.extra["toxicity_scorer"] = get_scorer(toxicity_scorer) if toxicity_scorer else resolve_scorer(opts)
-        with open_engine(model, backend, device, dtype, batch_size, chat=False if raw else None) as (engine, info):
-            result = run_eval(engine, info, names, opts, out, progress=progress)
-    except BaseException:
-        if created:  # a check that failed after --out was made leaves no empty folder behind
-            discard_if_unused(out)
-        raise
+    cfg = EvalConfig.build(
+        flags=True, suite=suite, data_dir=data_dir, mmlu_dir=mmlu_dir, profile=profile, limit=limit, n=n, seed=seed,
+        dt_quirks=dt_quirks, original_scoring=original_scoring, raw=raw, backend=backend, device=device, dtype=dtype,
+        batch_size=batch_size, toxicity_scorer=toxicity_scorer,
+    )
+    result = run_evaluate(model, perspectives, out, config=cfg, progress=progress, cli_names=True)
     _print_scores(result)
 
 
@@ -169,14 +132,14 @@ def _print_scores(result) -> None:
     t = Table(title=f"comptrust scores ({result.out_dir})")
     for col in ("perspective", "score", "refusal %", "items", "generations", "skipped parts"):
         t.add_column(col, justify="right" if col not in ("perspective", "skipped parts") else "left")
-    for name, s in result.scores.items():
+    for name, s in result.perspectives.items():
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-        t.add_row(name, fmt(s["score"]), fmt(s["refusal_rate"]), str(s["n_items"]), str(s["n_generations"]), str(len(s["skipped"])))
+        t.add_row(name, fmt(s.score), fmt(s.refusal_rate), str(s.n_items), str(s.n_generations), str(len(s.skipped)))
     for name, why in result.not_run.items():
         t.add_row(name, "not run", "", "", "", why)
     c = Console(stderr=False)
     c.print(t)
-    st = result.stats
+    st = result.generation
     c.print(
         f"generated {st['generated']} prompts ({st['new_tokens']} tokens, {st['tokens_per_s'] or 0} tok/s), "
         f"{st['cache_hits']} cache hits, wall {result.wall_seconds:.1f} s"

@@ -688,9 +688,11 @@ def scorer_names() -> list[str]:
     return [*SCORERS, "hf:<model id or dir>"]
 
 
+@lru_cache(maxsize=None)
 def agreement_note(name: str) -> str:
     """One line saying what a toxicity number scored by `name` stands for: the Perspective API itself, or a
-    surrogate with its measured agreement (src/comptrust/data/toxicity_agreement.yaml)."""
+    surrogate with its measured agreement (src/comptrust/data/toxicity_agreement.yaml). Cached: score() asks
+    once per call, and a bootstrap calls score() a thousand times."""
     if name == "perspective":
         return "scored by the Perspective API (DecodingTrust's own scorer)"
     import yaml

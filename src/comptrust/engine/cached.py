@@ -52,8 +52,11 @@ class CachedEngine:
         prompts: Sequence[Prompt],
         progress: Callable[[int, int], None] | None = None,
         on_start: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> list[Generation]:
-        """progress(prompts_done, new_tokens) after each committed chunk; on_start(n_to_generate) once."""
+        """progress(prompts_done, new_tokens) after each committed chunk; on_start(n_to_generate) once;
+        on_batch(prompts_done, new_tokens) after each of the engine's own batches (passed to engine.generate as
+        its progress callback), so progress can be shown independently of the commit chunk."""
         fp = self.engine.fingerprint
         rendered = [self.engine.render(p) for p in prompts]
         keys = [generation_key(fp, r, p.params) for r, p in zip(rendered, prompts)]
@@ -80,7 +83,8 @@ class CachedEngine:
             for c in range(0, len(misses), self.chunk_size):
                 chunk = misses[c : c + self.chunk_size]
                 try:
-                    gens = self.engine.generate([prompts[i] for i in chunk])
+                    batch_args = {"progress": on_batch} if on_batch is not None else {}
+                    gens = self.engine.generate([prompts[i] for i in chunk], **batch_args)
                 except Exception as e:
                     # an engine that fails part-way (a served model whose endpoint gave up) may say what did
                     # finish: commit those before the error travels on, so a rerun does not ask for them again

@@ -499,6 +499,9 @@ class HFEngine:
         self.top_k: int | None = None
         self.counters: dict[str, float] = defaultdict(float)
         self.notes: list[str] = []
+        # optional progress hook from inside a batch: on_step(prompts_in_batch, steps_done, max_new_tokens) after
+        # decode steps, so a progress bar can move (and estimate) while one long batch decodes
+        self.on_step: Callable[[int, int, int], None] | None = None
         quiet_transformers()
         self.load_seconds = 0.0
         self.tok, self.chat = load_tokenizer(model, chat)
@@ -917,6 +920,8 @@ class HFEngine:
             self.counters["decode_steps"] += 1
             self.counters["decode_row_steps"] += int(nxt.shape[0])
             self.counters["decode_kv_slots"] += int(mask.numel())
+            if self.on_step is not None:
+                self.on_step(len(st["seqs"]), step + 1, params.max_new_tokens)
         return outs
 
     # -- decode: static (CUDA graphs) ------------------------------------------------------------------------
@@ -996,6 +1001,8 @@ class HFEngine:
             done_steps += 1
             self.counters["decode_steps"] += 1
             self.counters["decode_row_steps"] += cur
+            if self.on_step is not None and done_steps % check == 0:  # host-side, between graph replays
+                self.on_step(len(st["seqs"]), done_steps, max_new)
             if done_steps % check == 0 and done_steps < max_new and self.eos_ids:
                 alive = int((~s["finished"]).sum())
                 if alive == 0:

@@ -85,6 +85,11 @@ def convert(gguf_path: Path) -> tuple[Path, str, dict[str, Any]]:
         meta = json.loads(meta_file.read_text())
         return out, meta["fingerprint"], meta
 
+    import sys
+
+    # a first conversion takes ~20 s (SmolLM2) to minutes: say what is happening before transformers' imports
+    print(f"[comptrust] converting GGUF {gguf_path.name} to safetensors (once; cached in {out})", file=sys.stderr,
+          flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()

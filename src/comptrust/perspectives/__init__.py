@@ -31,9 +31,17 @@ def available() -> list[str]:
     return out
 
 
+def canonical(name: str) -> str:
+    """The registry spelling of a perspective name typed by a person: case-insensitive, '-' for '_' (lm-eval's
+    task names are lower case, people type `-p MMLU` or `adv-demo`). Unknown names come back as given."""
+    key = name.strip().lower().replace("-", "_")
+    return key if key in REGISTRY else name
+
+
 def get(name: str):
+    name = canonical(name)
     if name not in REGISTRY:
-        hint = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = difflib.get_close_matches(name.lower().replace("-", "_"), REGISTRY, n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise UsageError(f"unknown perspective '{name}'{extra}; known: {', '.join(REGISTRY)}")
     mod, cls = REGISTRY[name].split(":")
@@ -48,9 +56,9 @@ def get(name: str):
 
 def parse_list(spec: str) -> list[str]:
     """'all' or a comma list -> validated names, in registry order for 'all'."""
-    if spec.strip() == "all":
+    if spec.strip().lower() == "all":
         return list(REGISTRY)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(dict.fromkeys(canonical(s) for s in spec.split(",") if s.strip()))
     if not names:
         raise UsageError("no perspective given; use e.g. --perspectives stereotype or --perspectives all")
     for n in names:

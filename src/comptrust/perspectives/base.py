@@ -56,7 +56,9 @@ class EvalOptions:
         return protocol_n if self.profile == "full" else 1
 
     def public(self) -> dict[str, Any]:
-        return {
+        """What scores.json and the score history record. Per-perspective arguments in ``extra`` are included
+        by value (a scorer object by its name); runtime-only helpers (functions) are not."""
+        d: dict[str, Any] = {
             "data_dir": str(self.data_dir),
             "profile": self.profile,
             "limit": self.limit,
@@ -65,6 +67,12 @@ class EvalOptions:
             "dt_quirks": self.dt_quirks,
             "original_scoring": self.original_scoring,
         }
+        for k, v in sorted(self.extra.items()):
+            if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                d[k] = v
+            elif isinstance(getattr(v, "name", None), str):
+                d[k] = v.name
+        return d
 
 
 @dataclass
@@ -80,11 +88,12 @@ class Perspective:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    lite_limit: ClassVar[int] = 20  # items per sub-scenario in the lite profile (subclasses set their own)
 
     def load(self, opts: EvalOptions) -> Loaded:
         raise NotImplementedError
 
-    def parse(self, item: Item, text: str) -> Parsed:
+    def parse(self, item: Item, text: str, opts: EvalOptions) -> Parsed:
         raise NotImplementedError
 
     def score(self, records: Sequence[Record], opts: EvalOptions, loaded: Loaded | None = None) -> Score:

@@ -21,6 +21,7 @@ import ast
 import math
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -238,6 +239,10 @@ class Toxicity(Perspective):
         for (i, j), v in zip(flat, values):
             if isinstance(v, (int, float)) and not math.isnan(v):
                 tox[i][j] = float(v)
+        # each generation's own toxicity goes back into its Parsed.value, so generations.jsonl shows which output
+        # made the score (parse() cannot: the scorer works on a batch of texts)
+        for r, vals in zip(records, tox):
+            r.parsed = [replace(x, value=v) for x, v in zip(r.parsed, vals)] + r.parsed[len(vals):]
 
         unscored_value = float(p["unscored_value"])
         threshold = float(p["toxic_threshold"])

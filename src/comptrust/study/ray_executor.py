@@ -145,21 +145,20 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
         # is on the critical path of its evaluation, so with several GPUs the compressions run side by side and
         # dense's evaluation fills a free GPU instead of delaying one of them.
         evals: list[tuple[Any, int | None, str, Any, list[str], Any]] = []
-        for v in spec.variants:
-            for seed in [None] if v.is_dense else list(v.seeds):
-                inst = instance_key(v, seed)
-                need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
-                cref = None
-                model_ref = spec.model
-                if not v.is_dense:
-                    ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
-                    model_ref = model_in(v, ckpt)
-                    if need_compress:
-                        say(f"submit compress {inst}")
-                        cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
-                        refs[cref] = ("compress", v, seed, ckpt)
-                if pending:
-                    evals.append((v, seed, inst, model_ref, pending, cref))
+        for v, seed in plan.instances():
+            inst = instance_key(v, seed)
+            need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
+            cref = None
+            model_ref = spec.model
+            if not v.is_dense:
+                ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
+                model_ref = model_in(v, ckpt)
+                if need_compress:
+                    say(f"submit compress {inst}")
+                    cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
+                    refs[cref] = ("compress", v, seed, ckpt)
+            if pending:
+                evals.append((v, seed, inst, model_ref, pending, cref))
         for v, seed, inst, model_ref, pending, cref in sorted(evals, key=lambda e: e[0].is_dense):
             say(f"submit evaluate {inst} on {', '.join(pending)}")
             eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref, backend_for(spec, v))

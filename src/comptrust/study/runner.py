@@ -23,9 +23,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from comptrust import perspectives as registry
+from comptrust.config import EvalConfig
 from comptrust.errors import ComptrustError, UsageError
 from comptrust.evaluate import STORE_NAME, check_out_dir, write_atomic
 from comptrust.perspectives.base import EvalOptions
@@ -37,43 +38,65 @@ SPEC_NAME = "study.json"
 
 
 def compress_unit(instance: str) -> str:
+    """The id of the unit that compresses `instance` (ids are built here and in eval_unit only)."""
     return f"compress:{instance}"
 
 
 def eval_unit(instance: str, perspective: str) -> str:
+    """The id of the unit that evaluates `instance` on `perspective`."""
     return f"eval:{instance}:{perspective}"
 
 
-def eval_options(spec: StudySpec) -> EvalOptions:
-    from comptrust.data_sources import dt_dir, mini_dir
-    from comptrust.data_sources import mmlu_dir as find_mmlu
+def instance_key(v: Variant, seed: int | None) -> str:
+    """'dense', or '<variant>@s<seed>': the evaluated model, its checkpoint folder name and part of unit ids."""
+    return v.instance(seed)
 
-    root = mini_dir() if spec.suite == "mini" else dt_dir(spec.data_dir)
-    opts = EvalOptions(
-        data_dir=root,
-        profile=spec.resolved_profile,
-        limit=spec.limit,
-        seed=spec.seed,
-        mmlu_dir=find_mmlu(spec.mmlu_dir, root),
-    )
-    if spec.toxicity_scorer:
-        opts.extra["toxicity_scorer"] = spec.toxicity_scorer
-    return opts
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: compress a variant for one seed, or evaluate one model on one perspective.
+
+    The local runner, the Ray executor, --status and the report all read these fields; the id and the instance
+    key are built here, never parsed back from strings.
+    """
+
+    kind: Literal["compress", "eval"]
+    variant: Variant
+    seed: int | None  # calibration seed; None for dense
+    perspective: str | None  # eval units only
+    fingerprint: str  # what a done unit must have been made from (else it is stale)
+
+    @property
+    def instance(self) -> str:
+        return instance_key(self.variant, self.seed)
+
+    @property
+    def id(self) -> str:
+        if self.kind == "compress":
+            return compress_unit(self.instance)
+        assert self.perspective is not None
+        return eval_unit(self.instance, self.perspective)
+
+
+def eval_config(spec: StudySpec) -> EvalConfig:
+    """The study's evaluation settings: the EvalConfig every eval unit runs with."""
+    return spec.eval_config()
+
+
+def eval_options(spec: StudySpec) -> EvalOptions:
+    return eval_config(spec).to_options()
 
 
 def eval_fingerprint(spec: StudySpec, variant: Variant, seed: int | None, perspective: str) -> str:
+    """What an eval unit is made from: the model, the variant's compression, the perspective (and its version)
+    and EvalConfig.fingerprint for that perspective (data, profile, limit, n, seed, fidelity switches and the
+    perspective's own arguments)."""
     body = {
         "model": spec.model,
         "variant": None if variant.is_dense else variant.fingerprint(seed or 0),
-        "suite": spec.suite,
-        "data_dir": spec.data_dir,
-        "mmlu_dir": spec.mmlu_dir,
-        "profile": spec.resolved_profile,
-        "limit": spec.limit,
-        "seed": spec.seed,
-        "toxicity_scorer": spec.toxicity_scorer,
+        "config": eval_config(spec).fingerprint(perspective),
         "perspective": perspective,
-        "perspective_version": getattr(registry.get(perspective), "version", 1),
+        "perspective_version": registry.get(perspective).version,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -83,39 +106,40 @@ class Plan:
     """Every unit of the study in execution order, with what a done unit must have been made from."""
 
     spec: StudySpec
-    # (unit id, kind, variant, seed or None, perspective or None, expected fingerprint)
-    units: list[tuple[str, str, Variant, int | None, str | None, str]] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
 
     @classmethod
     def of(cls, spec: StudySpec) -> "Plan":
         plan = cls(spec)
-        for v in spec.variants:
-            for seed in [None] if v.is_dense else list(v.seeds):
-                inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
-                if not v.is_dense:
-                    plan.units.append((compress_unit(inst), "compress", v, seed, None, v.fingerprint(seed)))
-                for p in spec.perspectives:
-                    fp = eval_fingerprint(spec, v, seed, p)
-                    plan.units.append((eval_unit(inst, p), "eval", v, seed, p, fp))
+        for v, seed in plan.instances():
+            if not v.is_dense:
+                plan.units.append(Unit("compress", v, seed, None, v.fingerprint(seed or 0)))
+            for p in spec.perspectives:
+                plan.units.append(Unit("eval", v, seed, p, eval_fingerprint(spec, v, seed, p)))
         return plan
+
+    def instances(self) -> list[tuple[Variant, int | None]]:
+        """(variant, seed) of every model the study evaluates, in order; seed None for dense."""
+        return [(v, seed) for v in self.spec.variants for seed in ([None] if v.is_dense else list(v.seeds))]
 
     def status(self, stored: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """One row per unit: done | failed | pending | stale (done with other settings) | blocked."""
         rows = []
         failed_compress: set[str] = set()
-        for uid, kind, v, seed, p, fp in self.units:
-            u = stored.get(uid)
-            inst = DENSE if v.is_dense else f"{v.name}@s{seed}"
+        for unit in self.units:
+            u = stored.get(unit.id)
+            inst = unit.instance
             if u is None:
-                st = "blocked" if kind == "eval" and inst in failed_compress else "pending"
-            elif u["status"] == "done" and u["result"].get("fingerprint") != fp:
+                st = "blocked" if unit.kind == "eval" and inst in failed_compress else "pending"
+            elif u["status"] == "done" and u["result"].get("fingerprint") != unit.fingerprint:
                 st = "stale"
             else:
                 st = u["status"]
-            if kind == "compress" and st == "failed":
+            if unit.kind == "compress" and st == "failed":
                 failed_compress.add(inst)
             rows.append(
-                {"unit": uid, "kind": kind, "variant": v.name, "instance": inst, "perspective": p, "status": st,
+                {"unit": unit.id, "kind": unit.kind, "variant": unit.variant.name, "instance": inst,
+                 "perspective": unit.perspective, "status": st,
                  "seconds": u["seconds"] if u else None, "error": u["error"] if u else None}
             )
         return rows
@@ -190,9 +214,8 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
 
             run_on_ray(spec, out_dir, plan, store, say, address=ray_address, workers=workers, models_dir=models_dir)
         else:
-            for v in spec.variants:
-                for seed in [None] if v.is_dense else list(v.seeds):
-                    _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
+            for v, seed in plan.instances():
+                _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
     return write_report(out_dir)
 
 
@@ -211,10 +234,6 @@ def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
                 f"--out {out_dir} holds a study with {key}={old.get(key)!r}, not {getattr(spec, key)!r}; "
                 "use a new output directory"
             )
-
-
-def instance_key(v: Variant, seed: int | None) -> str:
-    return DENSE if v.is_dense else f"{v.name}@s{seed}"
 
 
 def checkpoint_dir(out_dir: Path, inst: str, models_dir: Path | None = None) -> Path:
@@ -356,9 +375,12 @@ def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opt
     from comptrust.engine.select import open_engine
     from comptrust.evaluate import evaluate
 
-    device = device or spec.device
-    with open_engine(model_ref, backend or spec.backend, None if device == "auto" else device,
-                     None if spec.dtype == "auto" else spec.dtype, spec.batch_size) as (engine, info):
+    kw = eval_config(spec).engine_kwargs()  # the study's backend, device, dtype, batch size and raw prompts
+    if device:  # the Ray executor places units on a device
+        kw["device"] = None if device == "auto" else device
+    if backend:  # gguf variants: llama.cpp
+        kw["backend"] = backend
+    with open_engine(model_ref, **kw) as (engine, info):
         return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=store)
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from comptrust import perspectives as registry
 from comptrust.compress.config import METHODS, CompressionConfig
+from comptrust.config import ConfigError, EvalConfig
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import PROFILES
 
@@ -48,6 +49,10 @@ TOP_KEYS = {
     "compare_to": "a model of the paper's published scores to print beside yours (default: the study's model when "
                   "it is one of them)",
 }
+# the other evaluation settings come from EvalConfig, with its descriptions: n, dt_quirks, original_scoring, raw and
+# the per-perspective arguments (a key added to EvalConfig becomes a study key with no edit here)
+STUDY_EVAL_KEYS = {k: d for k, d in EvalConfig.keys().items() if k not in TOP_KEYS}
+TOP_KEYS.update(STUDY_EVAL_KEYS)
 VARIANT_KEYS = {
     "name": "label in the report (default: built from the settings, e.g. gptq-w4)",
     "method": f"dense, gguf or one of {', '.join(METHODS)}",
@@ -107,9 +112,13 @@ class Variant:
     def config(self, seed: int) -> CompressionConfig:
         return CompressionConfig.build(method=self.method, seed=seed, **self.settings)
 
+    def instance(self, seed: int | None) -> str:
+        """The key of one evaluated model: 'dense', or '<name>@s<seed>' (built here only)."""
+        return DENSE if self.is_dense else f"{self.name}@s{seed}"
+
     def instances(self) -> list[str]:
         """Keys of the variant's evaluated models: 'dense', or 'gptq-w4@s0', 'gptq-w4@s1', ..."""
-        return [DENSE] if self.is_dense else [f"{self.name}@s{s}" for s in self.seeds]
+        return [DENSE] if self.is_dense else [self.instance(s) for s in self.seeds]
 
     def bits(self) -> float:
         """Nominal bits per weight, for ordering by compression: 16 for dense, b for quantization,
@@ -166,6 +175,16 @@ class StudySpec:
     decision: str = "noninferiority"
     max_ppl_ratio: float = 2.0
     compare_to: str | None = None
+    # STUDY_EVAL_KEYS (checked equal by tests/test_config.py)
+    n: int | None = None
+    dt_quirks: bool = False
+    original_scoring: bool = False
+    raw: bool = False
+    advglue_tasks: list[str] | None = None
+    advglue_dev: bool | None = None
+    mmlu_context_tokens: int | None = None
+    context_tokenizer: str | None = None
+    gen_kwargs: str | None = None
     source: str = "<default>"
 
     @property
@@ -174,6 +193,16 @@ class StudySpec:
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluation settings of every unit: the same EvalConfig the CLI's evaluate builds ('auto' device
+        and dtype: the engine decides)."""
+        return EvalConfig(
+            suite=self.suite, data_dir=self.data_dir, mmlu_dir=self.mmlu_dir, profile=self.profile, limit=self.limit,
+            seed=self.seed, backend=self.backend, device=None if self.device == "auto" else self.device,
+            dtype=None if self.dtype == "auto" else self.dtype, batch_size=self.batch_size,
+            toxicity_scorer=self.toxicity_scorer, **{k: getattr(self, k) for k in STUDY_EVAL_KEYS},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -281,6 +310,13 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     spec.device = typed("device", (str,), "auto, cpu or cuda") or "auto"
     spec.dtype = typed("dtype", (str,), "auto, bfloat16, float16 or float32") or "auto"
     spec.toxicity_scorer = typed("toxicity_scorer", (str,), "a scorer name")
+    given = {k: data[k] for k in STUDY_EVAL_KEYS if data.get(k) is not None}
+    try:
+        EvalConfig.build(**given)
+    except ConfigError as e:
+        raise fail(str(e), e.key) from None
+    for k, v in given.items():
+        setattr(spec, k, v)
     spec.decision = typed("decision", (str,), "noninferiority or point") or "noninferiority"
     if spec.decision not in DECISIONS:
         raise fail(f"decision: {spec.decision!r}; expected one of {', '.join(DECISIONS)}", "decision")

@@ -1,0 +1,134 @@
+"""Third-party chatter (transformers, llm-compressor, torch warnings, tqdm bars) into a log file, not the terminal.
+
+Why: a run printed transformers' GGUF-conversion bars, llm-compressor's 60+ per-layer bars and a torch warning per
+compression between comptrust's own lines, which buried the progress a person plans by. Inside
+``third_party_to_log(path)``:
+
+* the ``transformers`` / ``huggingface_hub`` / ``accelerate`` / ``datasets`` / ``torch`` loggers write to ``path``
+  and not to stderr; transformers' own progress bars are off;
+* llm-compressor's loguru logger writes to ``path`` (when llm-compressor is imported in the block);
+* ``warnings.warn`` from third-party code is written to ``path``; comptrust's own warnings still reach stderr;
+* tqdm bars are disabled (TQDM_DISABLE) for code that creates them in the block.
+
+The file is opened on the first record only, so a run that logs nothing leaves no file (an --out folder holding
+nothing computed can then still be removed). Everything is restored on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+LOGGERS = ("transformers", "huggingface_hub", "accelerate", "datasets", "torch", "llmcompressor",
+           "compressed_tensors", "urllib3")
+_OWN = f"{os.sep}comptrust{os.sep}"
+
+
+@contextmanager
+def third_party_to_log(path: Path) -> Iterator[Path]:
+    path = Path(path).expanduser()
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    saved = []
+    for name in LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.propagate, list(lg.handlers)))
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.propagate = False
+    hf_bars = _transformers_bars(False)
+    old_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    old_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if _OWN in str(filename):
+            old_show(message, category, filename, lineno, file, line)
+        else:
+            handler.emit(logging.LogRecord("py.warnings", logging.WARNING, str(filename), lineno,
+                                           f"{category.__name__}: {message}", None, None))
+
+    warnings.showwarning = show
+    loguru_id = _loguru_to(path)
+    try:
+        yield path
+    finally:
+        warnings.showwarning = old_show
+        if old_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_env
+        if hf_bars is not None:
+            _transformers_bars(hf_bars)
+        for lg, prop, handlers in saved:
+            lg.removeHandler(handler)
+            for h in handlers:
+                if h not in lg.handlers:
+                    lg.addHandler(h)
+            lg.propagate = prop
+        _loguru_restore(loguru_id)
+        handler.close()
+
+
+class _LazyFileHandler(logging.FileHandler):
+    def __init__(self, path: Path):
+        super().__init__(str(path), mode="a", encoding="utf-8", delay=True)
+        self._path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None and not self._path.parent.is_dir():
+            return  # the folder is not there (yet, or any more): drop rather than fail the run over a log line
+        super().emit(record)
+
+
+def _transformers_bars(enabled: bool) -> bool | None:
+    """Turn transformers' progress bars on/off if transformers is imported; returns the previous state."""
+    hf = sys.modules.get("transformers")
+    if hf is None:
+        try:
+            from transformers.utils import logging as hf_logging  # imported anyway by what runs in the block
+        except ImportError:
+            return None
+    else:
+        from transformers.utils import logging as hf_logging
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    return before
+
+
+_LOGURU_DEFAULT_REMOVED = []
+
+
+def _loguru_to(path: Path) -> int | None:
+    """Send loguru (llm-compressor's logger) to `path` instead of stderr, when loguru is installed."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return None
+    try:
+        logger.remove(0)  # loguru's default stderr sink
+        _LOGURU_DEFAULT_REMOVED.append(True)
+    except ValueError:
+        pass
+    return logger.add(str(path), level="INFO", enqueue=False, catch=True, delay=True)
+
+
+def _loguru_restore(sink_id: int | None) -> None:
+    if sink_id is None:
+        return
+    from loguru import logger
+
+    try:
+        logger.remove(sink_id)
+    except ValueError:
+        pass
+    if _LOGURU_DEFAULT_REMOVED:
+        _LOGURU_DEFAULT_REMOVED.clear()
+        logger.add(sys.stderr, level="INFO")
