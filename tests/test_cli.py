@@ -116,10 +116,12 @@ def test_malformed_jsonl_line_exit_2_and_store_intact(tmp_path):
         assert s.count_generations() == 1
 
 
-def test_missing_data_file_reported_not_run(tmp_path):
+def test_missing_data_for_the_only_perspective_is_an_error(tmp_path):
+    # nothing to evaluate is not a success: one line naming the file looked for, exit 2, no --out left behind
     (tmp_path / "dt").mkdir()
     p = run("evaluate", "-p", "stereotype", "--suite", "dt", "--data-dir", str(tmp_path / "dt"),
             "--out", str(tmp_path / "o"), "--no-progress")
-    assert p.returncode == 0
-    assert "perspective 'stereotype' not run: missing data file" in p.stderr
-    assert "stereotype_bias_data.jsonl" in p.stderr
+    assert p.returncode == 2
+    err = one_line_error(p)
+    assert "no data for any requested perspective" in err and "stereotype_bias_data.jsonl" in err
+    assert not (tmp_path / "o").exists()

@@ -108,3 +108,13 @@ def test_stereotype_alone_equals_stereotype_within_all_on_the_embedded_model(tmp
         together = evaluate(engine, info, names, opts, tmp_path / "all", progress=False)
     assert _outputs(tmp_path / "alone", "stereotype") == _outputs(tmp_path / "all", "stereotype")
     assert alone.scores["stereotype"]["score"] == together.scores["stereotype"]["score"]
+
+
+def test_partial_data_is_a_warning_not_an_error(tmp_path, mini_data):
+    import shutil
+
+    root = tmp_path / "dt"
+    shutil.copytree(mini_data / "stereotype", root / "stereotype")
+    prepared = prepare(["stereotype", "fairness"], EvalOptions(data_dir=root, limit=1))
+    assert list(prepared.loaded) == ["stereotype"]
+    assert prepared.not_run["fairness"].startswith(f"missing data file {root / 'fairness' / 'fairness_data'}")

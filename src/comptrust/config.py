@@ -134,10 +134,10 @@ class EvalConfig(BaseModel):
     @field_validator("gen_kwargs")
     @classmethod
     def _gen_kwargs(cls, v: str | None) -> str | None:
-        from comptrust.genkwargs import canonical
-
         if v is None:
             return None
+        from comptrust.genkwargs import canonical
+
         try:
             return canonical(v)
         except UsageError as e:  # its message starts with the flag and value; keep only why
