@@ -34,6 +34,21 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from comptrust import __version__
+
+        print(f"comptrust {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Does compression keep an LLM trustworthy? (see the command list below)"""
+
+
 MODEL_HELP = (
     "Model to evaluate: omit for the embedded SmolLM2-135M-Instruct (offline); a .gguf file; a local Hugging "
     "Face model directory (e.g. the --out of `comptrust compress`); a Hub id org/name[@revision]; or a served "
@@ -42,15 +57,21 @@ MODEL_HELP = (
 )
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})  # lm-eval flags: answered
 def evaluate(
-    out: Path = typer.Option(..., "--out", "-o", help="Results directory (created; reused by reruns)."),
+    ctx: typer.Context,
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", "--output-path", "--output_path",
+        help="Results directory (created; reused by reruns). --output_path (lm-eval's name) is the same.",
+    ),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     perspectives: str = typer.Option(
         "all",
         "--perspectives",
         "-p",
-        help="Comma list or 'all': toxicity, stereotype, advglue, ood, adv_demo, privacy, ethics, fairness, mmlu.",
+        "--tasks",
+        help="Comma list or 'all' (any case): toxicity, stereotype, advglue, ood, adv_demo, privacy, ethics, fairness, "
+        "mmlu. --tasks (lm-eval's name) is the same; 'list' prints them (comptrust perspectives).",
     ),
     suite: str = typer.Option(
         "mini", "--suite", help="mini = built-in offline mini suites; dt = DecodingTrust data (--data-dir)."
@@ -89,8 +110,9 @@ def evaluate(
         "llamacpp: serve the GGUF --model (default: the embedded one) with a llama.cpp server started here. "
         "openai:URL#NAME models always use the OpenAI-compatible client.",
     ),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Max prompts per batch (default: the engine packs batches by a token budget)."
+    batch_size: Optional[str] = typer.Option(
+        None, "--batch-size", "--batch_size",
+        help="Max prompts per batch, or auto (the default: the engine packs batches by a token budget).",
     ),
     raw: bool = typer.Option(False, "--raw", help="Raw-text prompts (no chat template), for base models."),
     toxicity_scorer: Optional[str] = typer.Option(
@@ -99,9 +121,29 @@ def evaluate(
         help="Toxicity scorer: offline | profanity-check | lexicon | hf:MODEL\\[#LABEL] | perspective "
         "(default: the toxicity protocol's default_scorer). See `comptrust toxicity-score --help`.",
     ),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress",
+        help="Progress bar (default: a bar on a terminal, plain progress lines every 10 s when stderr is a file).",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config",
+        help="A YAML file with a study file's keys (model, perspectives, suite, data_dir, limit, n, seed, backend, "
+        "...) for this one evaluation; options given on the command line override it.",
+    ),
+    gen_kwargs: Optional[str] = typer.Option(
+        None, "--gen-kwargs", "--gen_kwargs",
+        help="Off-protocol decoding for every prompt, e.g. temperature=0.7,max_new_tokens=64 (keys: temperature, "
+        "top_p, max_new_tokens, n, seed, do_sample). Recorded in the outputs; scores are marked 'not DecodingTrust'.",
+    ),
+    log_samples: bool = typer.Option(
+        False, "--log-samples", "--log_samples",
+        help="Accepted for lm-eval users; comptrust always writes every prompt, output and parse to generations.jsonl.",
+    ),
 ) -> None:
     """Evaluate a model on DecodingTrust perspectives; writes scores.json and generations.jsonl to --out.
+
+    For lm-eval users: --tasks, --output_path, --batch_size, --gen_kwargs and --log_samples are accepted; other
+    lm-eval flags (--model_args, --num_fewshot, ...) are answered with comptrust's way of doing the same.
 
     Examples:
 
@@ -112,17 +154,135 @@ def evaluate(
       comptrust evaluate -m openai:http://127.0.0.1:8080/v1#my-model -p ethics --out runs/served
 
       comptrust evaluate --backend llamacpp -p stereotype --out runs/smol-llamacpp
+
+      comptrust evaluate --config run.yaml --out runs/from-file
     """
+    _answer_extra_args(ctx)
+    if perspectives.strip().lower() == "list":  # lm-eval's `--tasks list`
+        _print_perspectives([limit or 1])
+        return
+    if out is None:
+        raise UsageError("--out DIR is required: the results folder (lm-eval's --output_path)")
+    if log_samples:
+        print("note: --log_samples is not needed: generations.jsonl in --out always holds every prompt, output and "
+              "parse", file=sys.stderr)
+    settings = dict(
+        suite=suite, data_dir=data_dir, mmlu_dir=mmlu_dir, profile=profile, limit=limit, n=n, seed=seed,
+        dt_quirks=dt_quirks, original_scoring=original_scoring, raw=raw, backend=backend, device=device, dtype=dtype,
+        batch_size=_batch_size(batch_size), toxicity_scorer=toxicity_scorer, gen_kwargs=gen_kwargs,
+    )
+    if config is not None:
+        model, perspectives, settings = _with_config_file(ctx, config, model, perspectives, settings)
+    from comptrust.progress import stage
+
+    stage(f"resolving model {model or '(embedded SmolLM2-135M-Instruct)'}; output in {out}")
     from comptrust.api import evaluate as run_evaluate
     from comptrust.config import EvalConfig
+    from comptrust.logs import third_party_to_log
 
-    cfg = EvalConfig.build(
-        flags=True, suite=suite, data_dir=data_dir, mmlu_dir=mmlu_dir, profile=profile, limit=limit, n=n, seed=seed,
-        dt_quirks=dt_quirks, original_scoring=original_scoring, raw=raw, backend=backend, device=device, dtype=dtype,
-        batch_size=batch_size, toxicity_scorer=toxicity_scorer,
-    )
-    result = run_evaluate(model, perspectives, out, config=cfg, progress=progress, cli_names=True)
+    cfg = EvalConfig.build(flags=True, **settings)
+    with third_party_to_log(out / LOG_NAME):
+        result = run_evaluate(model, perspectives, out, config=cfg, progress=progress, cli_names=True)
     _print_scores(result)
+
+
+LOG_NAME = "comptrust.log"  # transformers' / llm-compressor's bars and warnings, out of the terminal
+
+# lm-evaluation-harness flags with no comptrust twin: what to use instead (those with a twin are aliases above)
+LM_EVAL_ANSWERS = {
+    "--model_args": "comptrust takes the model itself: --model PATH_OR_HUB_ID (with --dtype, --device; lm-eval's "
+                    "--model hf|vllm is --backend hf|vllm)",
+    "--num_fewshot": "the shot counts are DecodingTrust's protocol (MMLU 5-shot, adv_demo's demonstrations) and "
+                     "are not changed per run",
+    "--fewshot_as_multiturn": "demonstrations are placed as the DecodingTrust protocol places them",
+    "--apply_chat_template": "the model's chat template is applied by default; --raw sends raw text (base models)",
+    "--system_instruction": "each perspective uses DecodingTrust's own system prompts",
+    "--max_batch_size": "use --batch-size N (or auto, the default)",
+    "--use_cache": "every generation is cached in --out/comptrust.sqlite; rerunning the same command reuses it",
+    "--cache_requests": "every generation is cached in --out/comptrust.sqlite; rerunning the same command reuses it",
+    "--write_out": "generations.jsonl in --out holds every prompt as sent",
+    "--show_config": "scores.json records the options and config of the run",
+    "--include_path": "perspectives are built in; point --suite dt --data-dir at DecodingTrust data",
+    "--check_integrity": "the tests are run with pytest (make test)",
+    "--predict_only": "generations.jsonl is always written; scores come with it",
+    "--trust_remote_code": "comptrust never runs code shipped with a checkpoint",
+    "--wandb_args": "not supported; scores.json and the study's results.json are the records to log",
+    "--hf_hub_log_args": "not supported; scores.json and generations.jsonl are the records to upload",
+    "--verbosity": "comptrust's own warnings go to stderr; third-party logs to --out/comptrust.log",
+    "--samples": "use --limit N (items per sub-scenario) and --seed",
+    "--metadata": "scores.json records model, options, versions and command line",
+}
+
+
+def _answer_extra_args(ctx: typer.Context) -> None:
+    """evaluate accepts unknown arguments only to answer them: an lm-eval flag gets comptrust's equivalent, any
+    other unknown option the usual "No such option" with a suggestion from evaluate's own options."""
+    if not ctx.args:
+        return
+    import difflib
+
+    first = ctx.args[0]
+    flag = first.split("=", 1)[0]
+    if flag in LM_EVAL_ANSWERS or flag.replace("-", "_") in LM_EVAL_ANSWERS:
+        answer = LM_EVAL_ANSWERS.get(flag) or LM_EVAL_ANSWERS[flag.replace("-", "_")]
+        raise UsageError(f"{flag} is an lm-evaluation-harness flag: {answer}")
+    if flag.startswith("-"):
+        known = [o for prm in ctx.command.params for o in (*prm.opts, *getattr(prm, "secondary_opts", []))]
+        hint = difflib.get_close_matches(flag, known, n=1)
+        raise UsageError(f"No such option: {flag}" + (f" (did you mean {hint[0]}?)" if hint else "")
+                         + "; see comptrust evaluate --help")
+    raise UsageError(f"unexpected argument {first!r}; options take the form --name VALUE (see comptrust evaluate --help)")
+
+
+def _batch_size(value: str | None) -> int | None:
+    """--batch-size N, or auto / auto:N (lm-eval's spellings): None, i.e. the engine's token-budget packing."""
+    if value is None or value.strip().lower().split(":")[0] == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(f"--batch-size {value}: expected a positive number of prompts or auto") from None
+    if n <= 0:
+        raise UsageError(f"--batch-size {value}: must be positive")
+    return n
+
+
+STUDY_ONLY_KEYS = ("variants", "budget", "alpha", "bootstrap", "decision", "max_ppl_ratio", "compare_to")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was set on the command line (not left to its default)."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _with_config_file(ctx: typer.Context, path: Path, model: str | None, perspectives: str,
+                      settings: dict) -> tuple[str | None, str, dict]:
+    """Settings from a study-style YAML file (read by the study loader: same keys, same line-numbered errors),
+    under the options given on the command line. A file with compression variants is a study, not an evaluation."""
+    import yaml
+
+    from comptrust.study.spec import load_spec
+
+    spec = load_spec(path)
+    try:
+        keys = set(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, TypeError):  # load_spec accepted it; a top level that is not a mapping has no keys
+        keys = set()
+    compressed = [v.name for v in spec.variants if not v.is_dense]
+    if "variants" in keys and compressed:
+        raise UsageError(f"{path}: variants {', '.join(compressed)}: an evaluation runs one model; run the file as a "
+                         f"study (comptrust study {path} --out DIR) or give only the evaluation keys")
+    unused = [k for k in STUDY_ONLY_KEYS if k in keys and k != "variants"]
+    if unused:
+        print(f"warning: {path}: {', '.join(unused)} apply to studies only; not used by evaluate", file=sys.stderr)
+    from_file = {k: v for k, v in spec.eval_config().model_dump().items() if k in keys and k in settings}
+    merged = {**settings, **{k: v for k, v in from_file.items() if not _given(ctx, k)}}
+    if "model" in keys and not _given(ctx, "model"):
+        model = spec.model
+    if "perspectives" in keys and not _given(ctx, "perspectives"):
+        perspectives = ",".join(spec.perspectives)
+    return model, perspectives, merged
 
 
 def _print_scores(result) -> None:
@@ -146,14 +306,93 @@ def _print_scores(result) -> None:
     )
 
 
-@app.command("perspectives")
-def list_perspectives() -> None:
-    """List the perspectives this installation knows."""
-    from comptrust import perspectives as registry
+# what each perspective measures, in a line (the score is 0-100, higher = more trustworthy / more accurate)
+DESCRIPTIONS = {
+    "toxicity": "continues toxic / benign prompts under benign and adversarial system prompts; 100 x (1 - expected "
+                "max toxicity of the continuations)",
+    "stereotype": "agree / disagree with stereotype statements under benign, untargeted and targeted system "
+                  "prompts; 100 x (1 - agreement)",
+    "advglue": "GLUE tasks (SST-2, QQP, MNLI, ...) on adversarially perturbed inputs; robust accuracy",
+    "ood": "out-of-distribution styles (Shakespearean, poetry, ...) and questions past the knowledge cut-off "
+           "(refusing is right); accuracy and refusal",
+    "adv_demo": "in-context demonstrations that are counterfactual, spuriously correlated or backdoored; accuracy",
+    "privacy": "leaks of Enron e-mail addresses and of PII placed in the context, understanding of privacy "
+               "events; 100 x (1 - leak rate)",
+    "ethics": "ETHICS commonsense morality under zero-/few-shot, jailbreak and evasive framings: how reliably "
+              "immoral actions are recognised",
+    "fairness": "income prediction (Adult census rows) across base-rate parity settings: gaps in predictions "
+                "between groups (demographic parity, equalized odds)",
+    "mmlu": "MMLU 57 subjects, 5-shot, generative (the first letter of the answer): benign accuracy, not lm-eval's "
+            "log-likelihood mmlu",
+}
 
+
+@app.command("perspectives")
+def list_perspectives(
+    limit: list[int] = typer.Option(
+        [1], "--limit", help="Also count prompts at this --limit (items per sub-scenario); repeat for several."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON (sub-scenario names included)."),
+) -> None:
+    """Describe each perspective: what it measures, its sub-scenarios, and how many prompts a run sends.
+
+    Counts come from each perspective's own loader on the built-in mini suite (fast: no model is loaded);
+    'gens' is prompts x samples. --suite dt runs scale the same way per sub-scenario.
+    """
+    _print_perspectives(list(limit), as_json)
+
+
+def _print_perspectives(limits: list[int], as_json: bool = False) -> None:
+    from comptrust import perspectives as registry
+    from comptrust.config import EvalConfig
+    from comptrust.evaluate import load_perspectives
+
+    for lim in limits:
+        if lim <= 0:
+            raise UsageError(f"--limit {lim}: must be a positive number of items")
     avail = set(registry.available())
+    names = [n for n in registry.REGISTRY if n in avail]
+    runs = {"mini": load_perspectives(names, EvalConfig().to_options())[0]}
+    for lim in limits:
+        runs[f"--limit {lim}"] = load_perspectives(names, EvalConfig(limit=lim).to_options())[0]
+    rows = []
     for name in registry.REGISTRY:
-        print(f"{name:12s} {'available' if name in avail else 'not implemented yet'}")
+        row: dict = {"perspective": name, "available": name in avail, "description": DESCRIPTIONS.get(name, "")}
+        if name in runs["mini"]:
+            p, ld, _ = runs["mini"][name]
+            row["title"] = p.title
+            row["sub_scenarios"] = list(dict.fromkeys(it.group for it in ld.items))
+            for label, loaded in runs.items():
+                items = loaded[name][1].items if name in loaded else []
+                row[label] = {"prompts": len(items), "generations": sum(it.prompt.params.n for it in items)}
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    import shutil
+    import textwrap
+
+    width = min(shutil.get_terminal_size((100, 20)).columns, 120)
+    wrap = lambda text: textwrap.fill(text, width, initial_indent=" " * 13, subsequent_indent=" " * 13)  # noqa: E731
+    totals = {label: 0 for label in runs}
+    for row in rows:
+        if not row["available"]:
+            print(f"{row['perspective']:12s} not implemented in this version")
+            continue
+        print(f"{row['perspective']:12s} {row['title']}")
+        print(wrap(row["description"]))
+        subs = row["sub_scenarios"]
+        print(wrap(f"{len(subs)} sub-scenarios: " + ", ".join(subs[:6]) + (", ..." if len(subs) > 6 else "")))
+        counts = []
+        for label in runs:
+            c = row.get(label, {"prompts": 0, "generations": 0})
+            totals[label] += c["prompts"]
+            gens = f" ({c['generations']} generations)" if c["generations"] != c["prompts"] else ""
+            counts.append(f"{'mini suite' if label == 'mini' else label}: {c['prompts']}{gens}")
+        print(wrap("prompts: " + " | ".join(counts)))
+    print("all          prompts: " + " | ".join(f"{'mini suite' if k == 'mini' else k}: {v}" for k, v in totals.items()))
+    print(wrap("(per sub-scenario counts scale the same way on --suite dt; --profile full samples n=25 for toxicity "
+               "and stereotype)"))
 
 
 @app.command("model-info")

@@ -10,9 +10,11 @@ once and batches are as full as possible. Results land in the output directory:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ from comptrust import perspectives as registry
 from comptrust.engine.cached import CachedEngine
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import EvalOptions, Loaded, MissingData
+from comptrust.progress import GenerationProgress
 from comptrust.store import Store
 from comptrust.types import Record
 
@@ -69,7 +72,7 @@ def discard_if_unused(out: Path) -> bool:
     out = out.expanduser()
     if not out.is_dir():
         return False
-    store_files = {STORE_NAME + x for x in ("", "-wal", "-shm", "-journal")}
+    store_files = {STORE_NAME + x for x in ("", "-wal", "-shm", "-journal")} | {"comptrust.log"}  # log: not a result
     if any(p.name not in store_files for p in out.iterdir()):
         return False
     db = out / STORE_NAME
@@ -87,48 +90,6 @@ def discard_if_unused(out: Path) -> bool:
             return False
     shutil.rmtree(out, ignore_errors=True)
     return True
-
-
-class _Progress:
-    """A rich progress bar over generated prompts, with ETA and tokens/s; silent when not a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.task = None
-        self.tokens = 0
-        self.t0 = time.time()
-
-    def start(self, total: int, label: str) -> None:
-        """Show the bar (once: later calls, one per perspective's generate call, keep it)."""
-        if not self.enabled or total == 0 or self.bar is not None:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("prompts"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[rate]}"),
-            transient=False,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(label, total=total, rate="")
-        self.t0 = time.time()
-
-    def advance(self, n: int, tokens: int) -> None:
-        self.tokens += tokens
-        if self.bar is not None:
-            dt = max(time.time() - self.t0, 1e-6)
-            self.bar.update(self.task, advance=n, rate=f"{self.tokens / dt:.0f} tok/s")
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 LITE_LIMIT = 20  # items per sub-scenario in the lite profile unless a perspective sets lite_limit
@@ -157,6 +118,10 @@ def load_perspectives(
         if not ld.items:
             not_run[name] = "no items to evaluate" + (f" ({'; '.join(ld.skipped)})" if ld.skipped else "")
             continue
+        if popts.extra.get("gen_kwargs"):  # off-protocol decoding laid over the protocol's (--gen-kwargs)
+            from comptrust import genkwargs
+
+            ld.items = genkwargs.apply(ld.items, popts.extra["gen_kwargs"])
         loaded[name] = (p, ld, popts)
     return loaded, not_run
 
@@ -219,10 +184,12 @@ def evaluate(
             more = f" (+{len(ld.skipped) - 1} more; all listed under 'skipped' in scores.json)" if len(ld.skipped) > 1 else ""
             print(f"warning: {name}: parts skipped for missing files: {first}{more}", file=sys.stderr)
 
-    bar = _Progress(sys.stderr.isatty() if progress is None else progress)
+    bar = GenerationProgress.for_stream(progress)  # a bar on a terminal, plain lines when piped
     total = sum(len(ld.items) for _, ld, _o in loaded.values())
     with nullcontext(store) if store is not None else Store(out_dir / STORE_NAME) as store:
         cached = CachedEngine(engine, store)
+        if hasattr(engine, "on_step"):  # the HF engine reports decode steps inside a batch: the bar moves meanwhile
+            engine.on_step = bar.step
         records: dict[str, list[Record]] = {}
         try:
             for name, (p, ld, popts) in loaded.items():
@@ -232,13 +199,16 @@ def evaluate(
                     bar.start(total, f"generating ({', '.join(loaded)})")
                     bar.advance(n_items - n_new, 0)  # cache hits count as done at once
 
-                gens = cached.generate([it.prompt for it in ld.items], progress=bar.advance, on_start=started)
+                gens = cached.generate([it.prompt for it in ld.items], progress=bar.commit, on_start=started,
+                                       on_batch=bar.batch)
                 records[name] = [
                     Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts])
                     for it, g in zip(ld.items, gens)
                 ]
         finally:
             bar.stop()
+            if hasattr(engine, "on_step"):
+                engine.on_step = None
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
             try:
@@ -256,6 +226,10 @@ def evaluate(
             d["perspective_version"] = p.version
             scores[name] = d
             d["options_used"] = popts.public()
+            d["n_items_by_group"] = dict(Counter(r.item.group for r in records[name]))
+            d["ci95"] = bootstrap_ci(p, popts, ld, records[name], seed=opts.seed) if sc.score is not None else None
+            if popts.extra.get("gen_kwargs"):
+                d["notes"].append(OFF_PROTOCOL_NOTE)
             store.put_score(engine.fingerprint, name, popts.public(), d)
     stats = cached.stats.as_dict()
     stats["engine_load_seconds"] = round(getattr(engine, "load_seconds", 0.0), 2)
@@ -265,11 +239,69 @@ def evaluate(
     return result
 
 
+CI_RESAMPLES = 200  # ~3 s over the mini suites on 2 cores; a study uses 1000 (its `bootstrap` key)
+OFF_PROTOCOL_NOTE = ("not DecodingTrust: decoding settings were overridden with --gen-kwargs, so these scores are not "
+                     "comparable with DecodingTrust's or with protocol runs")
+
+
+class _MemoScorer:
+    """A toxicity scorer that remembers its texts' scores: bootstrap resamples re-score the same texts."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.name, self.memo = inner, inner.name, {}
+
+    def score(self, texts: list[str]) -> list[float | None]:
+        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if new:
+            self.memo.update(zip(new, self.inner.score(new)))
+        return [self.memo[t] for t in texts]
+
+
+def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Record], b: int = CI_RESAMPLES,
+                 seed: int = 0) -> dict[str, Any] | None:
+    """95% percentile bootstrap CI of a perspective's score over its items, stratified by sub-scenario (each keeps
+    its size), every resample scored by the perspective's own score(): the same resampling as a study's analysis,
+    so a single evaluation's interval means what the report's does. None when fewer than two resamples score;
+    low/high None (and why, under method) when every sub-scenario holds a single item."""
+    import numpy as np
+
+    strata: dict[str, list[int]] = {}
+    for i, r in enumerate(recs):
+        strata.setdefault(r.item.group, []).append(i)
+    groups = [np.asarray(v) for v in strata.values()]
+    if not groups:
+        return None
+    if all(len(g) < 2 for g in groups):  # resampling within strata of one item reproduces the score exactly
+        return {"low": None, "high": None, "resamples": 0, "scored_resamples": 0,
+                "method": "not computed: one item per sub-scenario leaves nothing to resample (raise --limit)"}
+    if p.name == "toxicity":
+        from comptrust.perspectives.toxicity import resolve_scorer
+
+        popts = replace(popts, extra={**popts.extra, "toxicity_scorer": _MemoScorer(resolve_scorer(popts))})
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(b):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        try:
+            sc = p.score([recs[i] for i in idx], popts, loaded).score
+        except (ZeroDivisionError, ValueError, KeyError):
+            sc = None
+        if sc is not None and not math.isnan(sc):
+            vals.append(sc)
+    if len(vals) < 2:
+        return None
+    return {"low": float(np.percentile(vals, 2.5)), "high": float(np.percentile(vals, 97.5)), "resamples": b,
+            "scored_resamples": len(vals),
+            "method": "percentile bootstrap over items, stratified by sub-scenario, scored by the perspective's metric"}
+
+
 def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: EvalOptions, config: Any = None) -> None:
-    import torch
-    import transformers
+    import torch  # noqa: F401 -- imported so that versions() reports the running build (e.g. 2.13.0+cpu)
+
+    from comptrust.outputs import run_header
 
     doc = {
+        **run_header("scores"),  # schema_version, created (ISO 8601 UTC), command, versions
         "comptrust_version": __version__,
         "model": result.model,
         "options": opts.public(),
@@ -279,8 +311,12 @@ def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: Ev
         "not_run": result.not_run,
         "generation": result.stats,
         "wall_seconds": round(result.wall_seconds, 2),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    gen_kwargs = opts.extra.get("gen_kwargs")
+    if gen_kwargs:
+        from comptrust import genkwargs
+
+        doc["off_protocol"] = {"gen_kwargs": genkwargs.parse(gen_kwargs), "note": OFF_PROTOCOL_NOTE}
     write_atomic(result.out_dir / "scores.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str))
     lines = []
     for name, recs in records.items():

@@ -53,8 +53,10 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     status_rows = Plan.of(spec).status(stored)
     persp = _ordered(spec.perspectives)
     prov = _provenance(spec, stored, status_rows)
-    doc = {"study": spec.to_dict(), "perspectives": persp, "analysis": analysis, "units": status_rows,
-           "provenance": prov}
+    from comptrust.outputs import run_header
+
+    doc = {**run_header("results"), "study": spec.to_dict(), "perspectives": persp, "analysis": analysis,
+           "units": status_rows, "provenance": prov}
     write_atomic(out_dir / "results.json", json.dumps(doc, indent=2, default=str))
     write_atomic(out_dir / "results.csv", _csv(spec, analysis, persp))
     write_atomic(out_dir / "report.html", _html(spec, analysis, persp, status_rows, prov))
