@@ -186,10 +186,16 @@ def test_perplexity_blowup_flags_the_variant_degenerate(tmp_path):
     ("max_ppl_ratio", 0.5, "max_ppl_ratio: 0.5; must be above 1 (compressed / dense perplexity)"),
     ("compare_to", "llama-2-13b-chatt", "compare_to: unknown published model 'llama-2-13b-chatt' (did you mean "
                                         "'llama-2-13b-chat'?); known: llama-2-13b-chat, llama-2-13b, vicuna-13b-v1.3"),
+    ("adaptive", "{lookz: 3}", "unknown key 'lookz' in adaptive (did you mean 'looks'?); valid: looks, start_limit, "
+                               "max_limit, max_generations"),
+    ("adaptive", "{looks: 0}", "adaptive: looks: expected an integer >= 1, got 0"),
 ])
 def test_new_study_keys_are_validated(key, value, message):
+    import yaml
+
+    text = f"{key}: {value}\n"
     with pytest.raises(UsageError) as e:
-        parse_spec({key: value}, "s.yaml", f"{key}: {value}\n")
+        parse_spec(yaml.safe_load(text), "s.yaml", text)
     assert str(e.value) == f"s.yaml:1: {message}"
 
 
@@ -260,3 +266,93 @@ def test_one_look_is_the_fixed_test_and_boundaries_spend_alpha():
     assert crossed == pytest.approx(0.05, abs=0.003)
     with pytest.raises(ValueError):
         gs_boundaries(0.05, [0.5, 0.4, 1.0])
+
+
+def test_false_keep_rate_at_the_budget_and_power_at_zero_by_simulation():
+    """The group-sequential procedure on synthetic paired accuracy items: at a true delta of exactly -budget the
+    false 'keeps' rate stays <= alpha (within Monte Carlo error) for 1, 2 and 4 looks; at delta 0 it keeps often,
+    and the looks save items."""
+    from comptrust.study.adaptive import simulate
+
+    sims, alpha = 3000, 0.05
+    mc = 3 * math.sqrt(alpha * (1 - alpha) / sims)
+    fixed0 = simulate(0.0, alpha, items=(400,), sims=sims, seed=2)
+    for items in ((400,), (200, 400), (100, 200, 300, 400)):
+        at_budget = simulate(-5.0, alpha, items=items, sims=sims, seed=1)
+        assert at_budget["keeps"] <= alpha + mc, (items, at_budget)
+        power = simulate(0.0, alpha, items=items, sims=sims, seed=2)
+        assert power["keeps"] > 0.5 and power["loses"] == 0.0
+        assert power["keeps"] >= fixed0["keeps"] - 0.05  # O'Brien-Fleming spending costs little power
+        if len(items) > 1:
+            assert power["mean_items"] < 400  # pairs decided early stop early
+    # far below the budget: lost, early
+    far = simulate(-20.0, alpha, items=(100, 200, 300, 400), sims=500, seed=3)
+    assert far["loses"] > 0.95 and far["mean_items"] < 250
+
+
+class _ScriptedModel:
+    """A stand-in engine: answers stereotype prompts by rule, per model (dense and 'same' alike, 'agree' always
+    agreeing), so that an adaptive study runs without a model."""
+
+    def __init__(self, kind: str, model: str | None):
+        self.kind, self.fingerprint, self.calls = kind, f"scripted-{Path(model or 'dense').name}", 0
+
+    def render(self, prompt):
+        return json.dumps([[m.role, m.content] for m in prompt.messages] if prompt.messages else prompt.raw)
+
+    def generate(self, prompts, progress=None):
+        from comptrust.engine.base import Generation
+
+        self.calls += len(prompts)
+        out = []
+        for p in prompts:
+            h = sum(map(ord, self.render(p))) % 10
+            text = "I agree." if self.kind == "agree" or h == 0 else "I disagree."
+            out.append(Generation((text,), (3,)))
+        return out
+
+
+def test_adaptive_study_decides_in_rounds_with_the_same_items(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from comptrust.engine import select
+    from comptrust.study import adaptive, runner
+
+    @contextmanager
+    def fake_open(model, **kw):
+        kind = "agree" if model and "magnitude" in model else "same"
+        engine = _ScriptedModel(kind, model)
+        yield engine, {"name": kind, "fingerprint": engine.fingerprint}
+
+    def fake_compress(spec, v, seed, ckpt):
+        ckpt.mkdir(parents=True, exist_ok=True)
+        return {"label": v.name, "checks": {"perplexity": {"before": 30.0, "after": 31.0}}}
+
+    monkeypatch.setattr(select, "open_engine", fake_open)
+    monkeypatch.setattr(runner, "compress_checkpoint", fake_compress)
+    monkeypatch.setenv("COMPTRUST_STUDY_CACHE", "off")
+    spec = parse_spec({"perspectives": ["stereotype"], "bootstrap": 200,
+                       "variants": ["dense", {"method": "rtn", "bits": 4}, {"method": "magnitude", "structure": "2:4"}]})
+    doc = adaptive.run_adaptive(spec, tmp_path / "s", adaptive.Settings(looks=4, start_limit=2), progress=False)
+    plan = doc["plans"]["stereotype"]
+    assert plan["limits"] == [2, 4, 8, 16] and plan["items"] == [6, 12, 24, 48]
+    final = doc["final"]
+    # always agreeing: lost at the second look (6 items cannot beat the first look's strict boundary); identical to
+    # dense: kept only once enough items rule out -5
+    mag = final["magnitude-2of4:stereotype"]
+    assert mag["verdict"]["verdict"] == LOSES and mag["look"] == 2
+    assert final["rtn-w4:stereotype"]["verdict"]["verdict"] == KEEPS and final["rtn-w4:stereotype"]["look"] == 4
+    assert [lk["verdicts"] for lk in doc["looks"]] == [
+        {"magnitude-2of4": UNDECIDED, "rtn-w4": UNDECIDED}, {"magnitude-2of4": LOSES, "rtn-w4": UNDECIDED},
+        {"rtn-w4": UNDECIDED}, {"rtn-w4": KEEPS}]
+    assert doc["recommendation"]["variant"] == "rtn-w4"
+    # an item is generated once per model: dense and rtn-w4 reach 48 items, magnitude stops at 12 (a fixed study
+    # of the whole pool would generate 3 x 48)
+    assert doc["generated"] == 48 + 48 + 12
+    # the boundary of each look is the group-sequential one, not the fixed z
+    assert [lk["boundary"] for lk in doc["looks"]] == plan["boundaries"]
+    assert plan["boundaries"][-1] > stats.norm.ppf(0.95) and plan["boundaries"][0] > 4
+    assert json.loads((tmp_path / "s" / "adaptive.json").read_text())["generated"] == doc["generated"]
+    # rerunning resumes: nothing is generated again
+    again = adaptive.run_adaptive(spec, tmp_path / "s", adaptive.Settings(looks=4, start_limit=2), progress=False)
+    assert again["final"] == doc["final"]

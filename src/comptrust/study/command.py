@@ -48,6 +48,7 @@ def study_command(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto, or 10.0.0.1:6379); default: start a local one."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Size of the local Ray cluster in CPUs (one unit per CPU; default: all cores). GPUs are used one per unit when present."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Where compressed checkpoints go (default DIR/models); with Ray on several nodes, a path every node can read."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Evaluate in rounds (looks) of further items, only for (variant, perspective) pairs still undecided, until decided or the pool is spent; group-sequential (O'Brien-Fleming-type alpha spending), so repeated looks keep the false-keep rate <= alpha. Settings: the study key 'adaptive'. Rounds in DIR/rounds, summary in DIR/adaptive.json."),
 ) -> None:
     from comptrust.study.spec import example_yaml, load_spec
 
@@ -85,11 +86,38 @@ def study_command(
     # before any unit runs: compressions need [compress], the report written at the end needs [report]
     needed = ["report"] + (["compress"] if any(not (v.is_dense or v.is_gguf) for v in spec.variants) else [])
     require("this study", *needed)
+    if adaptive or spec.adaptive is not None:
+        if executor != "local" or models_dir:
+            raise UsageError("--adaptive runs with the local executor and DIR/models (no --executor ray, --models-dir)")
+        from comptrust.study.adaptive import Settings, run_adaptive
+
+        doc = run_adaptive(spec, out, Settings.of(spec.adaptive or True), progress=progress)
+        _print_adaptive(out, doc)
+        return
     from comptrust.study.runner import run_study
 
     analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address, workers=workers,
                          models_dir=models_dir)
     _print_summary(out, analysis)
+
+
+def _print_adaptive(out: Path, doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"adaptive study: final verdicts ({doc['generated']} generations)")
+    for col in ("variant", "perspective", "verdict", "look", "items", "delta", "lower bound", "flags"):
+        t.add_column(col)
+    for key, c in doc["final"].items():
+        n, p = key.rsplit(":", 1)
+        v = c["verdict"]
+        t.add_row(n, p, str(v.get("verdict")), str(c["look"]), str(v.get("n")),
+                  "" if v.get("delta") is None else f"{v['delta']:+.1f}",
+                  "" if v.get("lcb") is None else f"{v['lcb']:+.1f}", ", ".join(c.get("flags") or []))
+    c = Console()
+    c.print(t)
+    c.print(doc["recommendation"]["text"])
+    c.print(f"rounds: {out / 'rounds'}  ·  {out / 'adaptive.json'}")
 
 
 def _print_status(out: Path) -> None:

@@ -48,6 +48,8 @@ TOP_KEYS = {
                      "(default 2)",
     "compare_to": "a model of the paper's published scores to print beside yours (default: the study's model when "
                   "it is one of them)",
+    "adaptive": "true, or {looks, start_limit, max_limit, max_generations}: evaluate in rounds of further items only "
+                "for undecided pairs (group-sequential; as --adaptive)",
 }
 # the other evaluation settings come from EvalConfig, with its descriptions: n, dt_quirks, original_scoring, raw and
 # the per-perspective arguments (a key added to EvalConfig becomes a study key with no edit here)
@@ -175,6 +177,7 @@ class StudySpec:
     decision: str = "noninferiority"
     max_ppl_ratio: float = 2.0
     compare_to: str | None = None
+    adaptive: dict[str, int] | None = None
     # STUDY_EVAL_KEYS (checked equal by tests/test_config.py)
     n: int | None = None
     dt_quirks: bool = False
@@ -335,6 +338,7 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise fail(f"compare_to: unknown published model {spec.compare_to!r}{did}; known: {', '.join(known)}",
                        "compare_to")
+    spec.adaptive = _adaptive(data.get("adaptive"), fail)
     from comptrust.engine import BACKENDS
 
     spec.backend = typed("backend", (str,), " | ".join(BACKENDS)) or "auto"
@@ -368,6 +372,27 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
         spec.variants.insert(0, Variant(DENSE, DENSE))  # deltas need the dense baseline
     spec.variants.sort(key=lambda v: not v.is_dense)  # dense first: compressed variants are compared with it
     return spec
+
+
+ADAPTIVE_KEYS = {"looks": 1, "start_limit": 1, "max_limit": 1, "max_generations": 1}  # each an integer >= this
+
+
+def _adaptive(val: Any, fail: Any) -> dict[str, int] | None:
+    """adaptive: true | false | {looks, start_limit, max_limit, max_generations} (comptrust.study.adaptive)."""
+    if val is None or val is False:
+        return None
+    if val is True:
+        return {}
+    if not isinstance(val, dict):
+        raise fail(f"adaptive: expected true or a mapping of {', '.join(ADAPTIVE_KEYS)}, got {val!r}", "adaptive")
+    for k, x in val.items():
+        if k not in ADAPTIVE_KEYS:
+            raise fail(_unknown(str(k), dict.fromkeys(ADAPTIVE_KEYS, ""), "adaptive"), "adaptive", k, "<key>")
+        if not isinstance(x, int) or isinstance(x, bool) or x < ADAPTIVE_KEYS[k]:
+            raise fail(f"adaptive: {k}: expected an integer >= {ADAPTIVE_KEYS[k]}, got {x!r}", "adaptive", k)
+    if "start_limit" in val and "max_limit" in val and val["start_limit"] > val["max_limit"]:
+        raise fail(f"adaptive: start_limit {val['start_limit']} is above max_limit {val['max_limit']}", "adaptive")
+    return dict(val)
 
 
 def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
