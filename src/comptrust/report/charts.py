@@ -137,8 +137,16 @@ def curves(perspectives: Sequence[str], series: dict[str, dict[str, list[tuple[f
     families = list(dict.fromkeys(f for p in shown for f in series[p]))
     # families sharing an x are drawn side by side (a small dodge), so single points do not hide each other;
     # the ticks stay at the true x
-    span = (xs_all[-1] - xs_all[0]) if len(xs_all) > 1 else 1.0
-    dodge = {f: (i - (len(families) - 1) / 2) * 0.012 * span for i, f in enumerate(families)}
+    span = (xs_all[-1] - xs_all[0]) if len(xs_all) > 1 else 0.2 * max(abs(xs_all[0]), 1.0)
+    dodge = {f: (i - (len(families) - 1) / 2) * (0.012 if len(xs_all) > 1 else 0.06) * span
+             for i, f in enumerate(families)}
+    # colour by method, line style by what else tells a method's lines apart (N:M pattern, group size)
+    styles: dict[str, str] = {}
+    per_method: dict[str, int] = {}
+    for f in families:
+        m = f.split()[0]
+        styles[f] = ["-", "--", ":", "-."][per_method.get(m, 0) % 4]
+        per_method[m] = per_method.get(m, 0) + 1
     for k, p in enumerate(shown):
         ax = axes[k // cols][k % cols]
         d = dense.get(p)
@@ -150,9 +158,9 @@ def curves(perspectives: Sequence[str], series: dict[str, dict[str, list[tuple[f
             pts = sorted(pts)
             if not pts:
                 continue
-            color = family_color(fam, seen)
+            color = family_color(fam.split()[0], seen)
             xs = [x + dodge[fam] for x, *_ in pts]
-            ax.plot(xs, [y for _, y, _, _ in pts], color=color, marker="o", markersize=3.5, lw=1.4)
+            ax.plot(xs, [y for _, y, _, _ in pts], color=color, marker="o", markersize=3.5, lw=1.4, ls=styles[fam])
             lo = [lo if lo is not None else y for _, y, lo, _ in pts]
             hi = [hi if hi is not None else y for _, y, _, hi in pts]
             if len(pts) > 1:
@@ -163,6 +171,8 @@ def curves(perspectives: Sequence[str], series: dict[str, dict[str, list[tuple[f
         ax.set_title(TITLES.get(p, p), fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all], fontsize=7)
+        if len(xs_all) == 1:
+            ax.set_xlim(xs_all[0] - span, xs_all[0] + span)
         if invert:
             ax.invert_xaxis()
         ax.grid(alpha=0.3)
@@ -172,7 +182,8 @@ def curves(perspectives: Sequence[str], series: dict[str, dict[str, list[tuple[f
             ax.set_xlabel(xlabel, fontsize=8)
     for k in range(len(shown), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    handles = [Line2D([], [], color=family_color(f, seen), marker="o", lw=1.4, label=f) for f in families]
+    handles = [Line2D([], [], color=family_color(f.split()[0], seen), marker="o", lw=1.4, ls=styles[f], label=f)
+               for f in families]
     handles.append(Line2D([], [], color=DENSE_COLOR, ls="--", lw=1, label="dense"))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, fontsize=8,
                bbox_to_anchor=(0.5, 1.0))

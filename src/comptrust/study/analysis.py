@@ -55,7 +55,7 @@ CONFOUNDED, DEGENERATE = "confounded by refusals", "degenerate"
 CONFOUND_POINTS = 10.0
 # perspectives whose parses carry no task label: an output cannot be "unparseable" there beyond being empty
 LABEL_FREE = {"toxicity", "privacy"}
-N_EXAMPLES = 3
+N_EXAMPLES = 2  # per variant and perspective, in the report's breakdown
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,16 +241,19 @@ def _examples(pname: str, dense_recs: list[Record], var_recs: list[Record], k: i
         pr = d.item.prompt
         prompt = pr.raw if pr.raw is not None else (pr.messages[-1].content if pr.messages else "")
         out.append({
-            "id": d.item.id, "group": d.item.group, "prompt": _clip(prompt, 300),
+            "id": d.item.id, "group": d.item.group, "prompt": _clip(prompt, 260, tail=True),
             "dense": _clip(d.outputs[0], 240), "variant": _clip(v.outputs[0], 240),
             "dense_parse": _parse_text(d.parsed[0]), "variant_parse": _parse_text(v.parsed[0]),
         })
     return out
 
 
-def _clip(s: Any, n: int) -> str:
+def _clip(s: Any, n: int, tail: bool = False) -> str:
+    """One line of at most n characters; tail keeps the end (a few-shot prompt's question is at its end)."""
     s = " ".join(str(s or "").split())
-    return s if len(s) <= n else s[: n - 1] + "…"
+    if len(s) <= n:
+        return s
+    return "…" + s[-(n - 1):] if tail else s[: n - 1] + "…"
 
 
 def _parse_text(p: Parsed) -> str:
