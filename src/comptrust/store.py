@@ -10,10 +10,12 @@ key, which omits the model, is the counter-example).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from urllib.parse import quote
 
 from comptrust.errors import RuntimeFailure, UsageError, redact
 from comptrust.failpoints import failpoint
@@ -70,6 +72,8 @@ def _guard_writes(method):
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as e:
+            if _is_busy(e):
+                raise RuntimeFailure(busy_message(self.path, _busy_timeout(), e)) from None
             if _is_write_failure(e):
                 raise RuntimeFailure(f"cannot write the results database {self.path}: {e} (disk full?); "
                                      "work committed so far is kept") from None
@@ -84,28 +88,129 @@ def generation_key(model_fp: str, rendered: str, params: GenParams) -> str:
     return sha256_text(json.dumps([model_fp, rendered, params.key()], ensure_ascii=False, sort_keys=True))
 
 
-class Store:
-    """A thin, explicit wrapper around one SQLite file. Not shared across threads."""
+def _busy_timeout() -> float:
+    """Seconds a store held by another process is waited for: $COMPTRUST_STORE_WAIT, default 60."""
+    raw = os.environ.get("COMPTRUST_STORE_WAIT", "").strip()
+    if not raw:
+        return 60.0
+    try:
+        val = float(raw)
+    except ValueError:
+        val = -1.0
+    if not 0 <= val <= 86400:
+        raise UsageError(f"COMPTRUST_STORE_WAIT={raw!r}: expected seconds between 0 and 86400")
+    return val
 
-    def __init__(self, path: Path | str):
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def busy_message(path: Path, waited: float, e: BaseException) -> str:
+    return (f"the results database {path} is busy: another process holds a lock on it ({e}, waited {waited:g} s); "
+            "nothing stored was lost: rerun when that run has finished, or use another --out")
+
+
+# columns each table must have (a store of an older layout lacks some: refused when it is opened, not after a
+# chunk was generated)
+_COLUMNS = {
+    "meta": {"key", "value"},
+    "generations": {"key", "model", "prompt", "params", "outputs", "n_tokens", "created"},
+    "scores": {"id", "model", "perspective", "options", "score", "created"},
+    "units": {"id", "kind", "status", "result", "error", "seconds", "created"},
+    "kv": {"ns", "key", "value", "created"},
+}
+
+
+class Store:
+    """A thin, explicit wrapper around one SQLite file. Not shared across threads.
+
+    readonly=True opens an existing store for queries only (``study --status``, reports): it works on read-only
+    media and never creates, migrates or locks the file for writing. Every open checks the schema: a store of a
+    newer comptrust is refused (its rows may mean something this version does not know), one of an older layout
+    is named as such, and one locked by another process is waited for (COMPTRUST_STORE_WAIT s), then reported as
+    busy, never as damaged.
+    """
+
+    def __init__(self, path: Path | str, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        wait = _busy_timeout()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=60)
+            if readonly:
+                if not self.path.is_file():
+                    raise UsageError(f"{self.path} does not exist (no results database here)")
+                self.db = self._connect_readonly(wait)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(str(self.path), timeout=wait)
         except (OSError, sqlite3.Error) as e:
             raise UsageError(f"cannot open the results database {self.path}: {e}") from None
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-            self.db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-            self.db.commit()
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            self._check_schema()
+            if not readonly:
+                self.db.executescript(_SCHEMA)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+                self.db.commit()
+        except UsageError:
+            self.db.close()
+            raise
         except sqlite3.DatabaseError as e:
+            self.db.close()
+            if _is_busy(e):
+                raise RuntimeFailure(busy_message(self.path, wait, e)) from None
             if _is_write_failure(e):
                 raise RuntimeFailure(f"cannot write the results database {self.path}: {e} (disk full?)") from None
             raise UsageError(f"{self.path} is not a comptrust results database ({e})") from None
+
+    def _connect_readonly(self, wait: float) -> sqlite3.Connection:
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=wait)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if _is_busy(e):
+                raise
+            # read-only media: a WAL store cannot make its -shm file there; read it as an immutable file
+            return sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro&immutable=1", uri=True)
+
+    def _check_schema(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables & set(_COLUMNS):
+            if self.readonly:
+                raise UsageError(f"{self.path} is not a comptrust results database (none of its tables)")
+            return  # a new, empty file
+        version = None
+        if "meta" in tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = row[0] if row else None
+        try:
+            v = int(version) if version is not None else None
+        except ValueError:
+            v = None
+        if v is not None and v > SCHEMA_VERSION:
+            raise UsageError(
+                f"{self.path} was written by a newer comptrust (store schema_version {v}; this version reads "
+                f"{SCHEMA_VERSION}): upgrade comptrust to read it, or use another --out; the file is left as it is")
+        missing = {t: sorted(cols - {r[1] for r in self.db.execute(f"PRAGMA table_info({t})")})
+                   for t, cols in _COLUMNS.items() if t in tables}
+        missing = {t: c for t, c in missing.items() if c}
+        if v is None or v < SCHEMA_VERSION or missing:
+            what = "; ".join(f"{t} lacks {', '.join(c)}" for t, c in missing.items())
+            if v is None and not missing and tables >= set(_COLUMNS):
+                return  # complete tables, only the version row missing (written between schema and meta)
+            raise UsageError(
+                f"{self.path} was written by an older comptrust (store schema_version {version or 'none'}"
+                f"{'; ' + what if what else ''}) that this version cannot read: use another --out (the file is left "
+                "as it is; its generations would be made again)")
 
     def close(self) -> None:
         self.db.close()
@@ -141,10 +246,14 @@ class Store:
             )
             failpoint("store.put_generations")
 
-    def generation_rows(self) -> list[tuple[str, str, str, str, str, str]]:
-        """Every cached generation as stored (key, model, prompt, params JSON, outputs JSON, n_tokens JSON): what a
-        remote worker ships back to the driver, which alone writes the study's store."""
-        return list(self.db.execute("SELECT key, model, prompt, params, outputs, n_tokens FROM generations"))
+    def generation_rows(self, model: str | None = None) -> list[tuple[str, str, str, str, str, str]]:
+        """Every cached generation as stored (key, model, prompt, params JSON, outputs JSON, n_tokens JSON), or only
+        those of one model fingerprint: what a remote worker ships back to the driver, which alone writes the
+        study's store, and what studies share through $COMPTRUST_HOME (comptrust.study.reuse)."""
+        q = "SELECT key, model, prompt, params, outputs, n_tokens FROM generations"
+        if model is None:
+            return list(self.db.execute(q))
+        return list(self.db.execute(q + " WHERE model = ?", (model,)))
 
     @_guard_writes
     def put_generation_rows(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
@@ -204,9 +313,30 @@ class Store:
             # redacted on the way out too: a store written before errors were redacted may hold a secret
             d = {"kind": row[1], "status": row[2], "error": redact(row[3]) if row[3] else row[3], "seconds": row[4]}
             if with_results:
-                d["result"] = json.loads(row[5])
+                d["result"] = self._unit_result(row[0], d, row[5])
             out[row[0]] = d
         return out
+
+    _REQUIRED = {"eval": ("fingerprint", "score"), "compress": ("fingerprint",)}
+
+    def _unit_result(self, uid: str, d: dict[str, Any], text: str) -> dict[str, Any]:
+        """A unit's stored result; one that is truncated, not an object or lacks what a done unit holds (an edited
+        or damaged row) is presented as a failed unit with a one-line error, so that a rerun redoes it and the
+        report shows it instead of failing on it."""
+        try:
+            res = json.loads(text)
+        except ValueError:
+            res, why = {}, "its stored result is damaged (truncated JSON)"
+        else:
+            need = self._REQUIRED.get(d["kind"], ()) if d["status"] == "done" else ()
+            if not isinstance(res, dict):
+                res, why = {}, f"its stored result is not an object ({type(res).__name__})"
+            else:
+                lacking = [k for k in need if k not in res]
+                why = f"its stored result lacks {', '.join(lacking)}" if lacking else ""
+        if why:
+            d["status"], d["error"] = "failed", f"unit {uid}: {why}; rerun the study to redo it"
+        return res
 
     # -- small caches (e.g. toxicity score per (scorer, text)) -------------------------------------------------
     def kv_get_many(self, ns: str, keys: Sequence[str]) -> dict[str, Any]:

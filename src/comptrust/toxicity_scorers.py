@@ -20,6 +20,7 @@ because numbers from different scorers are not comparable.
 
 from __future__ import annotations
 
+
 import json
 import math
 import os
@@ -375,8 +376,16 @@ class HFClassifierScorer:
             raise UsageError(f"the '{self.name}' toxicity scorer needs torch and transformers ({e})") from None
         ref = self.model_ref
         local = Path(ref).expanduser()
-        kwargs: dict[str, Any] = {}
+        # the rules of --model apply to every model comptrust loads: safetensors only (a pytorch_model.bin would be
+        # handed to torch's unpickler) and never the checkpoint's own Python code
+        kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
         if local.is_dir():
+            from comptrust.models.resolve import check_loadable_dir
+
+            try:
+                check_loadable_dir(local, "AutoModelForSequenceClassification")
+            except UsageError as e:
+                raise UsageError(f"{self.name}: {e}") from None
             src = str(local)
         else:
             repo, _, rev = ref.partition("@")
@@ -386,7 +395,7 @@ class HFClassifierScorer:
             if rev:
                 kwargs["revision"] = rev
         try:
-            tok = AutoTokenizer.from_pretrained(src, **kwargs)
+            tok = AutoTokenizer.from_pretrained(src, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
             model = AutoModelForSequenceClassification.from_pretrained(src, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/offline/format errors come in many types; all mean "cannot load"
             hint = (

@@ -118,8 +118,10 @@ def render_prompt(tok, chat: bool, prompt: Prompt) -> str:
     if prompt.raw is not None:
         return prompt.raw
     msgs = [{"role": m.role, "content": m.content} for m in prompt.messages]
-    if chat:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if chat:  # the model folder's template is untrusted code: sandboxed and bounded (engine/chat_template.py)
+        from comptrust.engine.chat_template import render_chat
+
+        return render_chat(tok, msgs, getattr(tok, "name_or_path", "the model"))
     return "\n\n".join(m["content"] for m in msgs) + "\n"
 
 

@@ -53,10 +53,12 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,6 +71,9 @@ log = logging.getLogger(__name__)
 SPEC_PREFIX = "openai:"
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 MAX_DELAY = 30.0
+# bounds on one reply: a server that drips bytes or sends a gigabyte must not hold the run (or its memory)
+MAX_REPLY_BYTES = 64 << 20  # a completion reply (n long samples fit many times over)
+MAX_MODELS_REPLY_BYTES = 8 << 20  # GET /models: a list of ids
 
 
 def parse_openai_spec(spec: str) -> tuple[str, str]:
@@ -173,6 +178,7 @@ class OpenAIEngine:
         chat: bool = True,
         extra_body: dict[str, Any] | None = None,
         identity: str | None = None,
+        total_timeout: float | None = None,
     ):
         if concurrency <= 0:
             raise UsageError(f"concurrency {concurrency}: must be positive")
@@ -187,6 +193,10 @@ class OpenAIEngine:
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout = float(timeout)
+        # timeout bounds each read; total_timeout the whole exchange (a reply dripping a byte a minute never
+        # trips the first). GET /models gets `timeout` in all: it is a small list the server has at hand.
+        self.total_timeout = float(total_timeout) if total_timeout else 3 * self.timeout
+        self._warned_model: set[str] = set()
         self.max_retries = max_retries
         self.backoff = backoff
         self.chat = chat
@@ -309,10 +319,13 @@ class OpenAIEngine:
             reused = conn is not None
             if conn is None:
                 conn = self._new_conn()
+            limit = MAX_MODELS_REPLY_BYTES if path == "/models" else MAX_REPLY_BYTES
+            deadline = time.monotonic() + (self.timeout if path == "/models" else self.total_timeout)
             try:
                 conn.request(method, self._prefix + path, body=data, headers=self._headers())
+                self._bound_next_read(conn, deadline)
                 resp = conn.getresponse()
-                raw = resp.read()  # IncompleteRead on a truncated body
+                raw = self._read_bounded(conn, resp, deadline, limit, url)  # IncompleteRead on a truncated body
                 status = resp.status
                 retry_after = resp.getheader("Retry-After")
                 if resp.will_close:
@@ -326,7 +339,13 @@ class OpenAIEngine:
                 raise _Retryable(f"{url}: connection lost ({type(e).__name__})") from None
             except TimeoutError:
                 conn.close()
-                raise _Retryable(f"{url}: no reply within {self.timeout:g} s") from None
+                late = time.monotonic() >= deadline - 0.01
+                whole = self.timeout if path == "/models" else self.total_timeout
+                raise _Retryable(f"{url}: no complete reply within {whole:g} s" if late
+                                 else f"{url}: no reply within {self.timeout:g} s") from None
+            except _ItemError:
+                conn.close()
+                raise
             except http.client.IncompleteRead as e:
                 conn.close()
                 raise _Retryable(f"{url}: truncated reply ({len(e.partial)} bytes read)") from None
@@ -365,6 +384,35 @@ class OpenAIEngine:
                 )
         raise _ItemError(f"{url}: HTTP {status} {detail}".rstrip())
 
+    def _bound_next_read(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        if conn.sock is not None:
+            conn.sock.settimeout(min(self.timeout, left))
+
+    def _read_bounded(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, deadline: float,
+                      limit: int, url: str) -> bytes:
+        """The reply body, read piece by piece under the request's deadline and size limit."""
+        declared = resp.getheader("Content-Length")
+        if declared and declared.strip().isdigit() and int(declared) > limit:
+            raise _ItemError(f"{url}: reply of {int(declared)} bytes is larger than the {limit} bytes accepted")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            self._bound_next_read(conn, deadline)
+            piece = resp.read1(1 << 16)
+            if not piece:
+                break
+            size += len(piece)
+            if size > limit:
+                raise _ItemError(f"{url}: reply larger than the {limit} bytes accepted (stopped reading)")
+            parts.append(piece)
+        if resp.length:  # the server closed before Content-Length bytes came
+            raise http.client.IncompleteRead(b"".join(parts), resp.length)
+        resp.read()  # nothing is left: marks the response finished, so the connection can be reused
+        return b"".join(parts)
+
     def _raise_if_model_unknown(self) -> None:
         try:
             served = self.served_models()
@@ -385,6 +433,8 @@ class OpenAIEngine:
                     check(reply)
                 return reply
             except _Retryable as e:
+                if abort is not None and abort.is_set():  # the run stops (another item failed, Ctrl-C, SIGTERM)
+                    raise _Aborted() from None
                 if attempt >= self.max_retries:
                     raise
                 delay = min(self.backoff * (2**attempt), MAX_DELAY)
@@ -434,6 +484,7 @@ class OpenAIEngine:
                 with self._lock:
                     self.counters["extra_sample_requests"] += 1
             reply = self._with_retries("POST", path, req, abort, check)
+            self._check_reply_model(reply)
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
             choices = choices[:want]
             got = [
@@ -451,6 +502,22 @@ class OpenAIEngine:
                 texts += [texts[0]] * (p.n - len(texts))
                 counts += [counts[0]] * (p.n - len(counts))
         return Generation(tuple(texts), tuple(counts))
+
+    def _check_reply_model(self, reply: Any) -> None:
+        """A reply that names another model than the one asked for (a proxy routing elsewhere, a server that
+        swapped models) is warned about once per id: its answers are cached under the model asked for."""
+        got = reply.get("model") if isinstance(reply, dict) else None
+        if not isinstance(got, str) or not got or got == self.model_name:
+            return
+        known = {self.model_name} | {str(m.get("root")) for m in (self._served or []) if m.get("id") == self.model_name}
+        if got in known or Path(got).name == self.model_name:  # llama.cpp servers may name the file they serve
+            return
+        with self._lock:
+            if got in self._warned_model:
+                return
+            self._warned_model.add(got)
+        print(f"warning: {self._url('')} answered as model {got!r}, not {self.model_name!r} as asked; its answers "
+              f"are stored as {self.model_name!r}'s (check what the server runs)", file=sys.stderr, flush=True)
 
     def _run(self, prompt: Prompt, abort: threading.Event) -> Generation:
         try:

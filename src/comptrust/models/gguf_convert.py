@@ -24,12 +24,94 @@ from comptrust.paths import models_cache
 META_NAME = "comptrust-model.json"
 
 
+# Bounds on a GGUF header, checked before the gguf library reads it: GGUFReader builds Python objects for every
+# element of a metadata array (~720 B of RAM per file byte: a crafted 4 MB file with one 4M-element array took
+# 2 min and 2.9 GB). The largest real arrays are a tokenizer's tokens / scores / types / merges (~260k entries).
+MAX_ARRAY_ITEMS = 1 << 21
+MAX_KV = 10_000
+MAX_TENSORS = 100_000
+MAX_STRING = 1 << 24
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def prescan_gguf(path: Path) -> None:
+    """Walk the GGUF header (metadata and tensor infos) without building it, in bounded time and memory:
+    UsageError for an array, string or count beyond the bounds above or beyond the file's end."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24:
+            raise UsageError(f"truncated GGUF file {path}: {len(head)} bytes of header")
+        version = struct.unpack_from("<I", head, 4)[0]
+        if version not in (2, 3):
+            return  # v1 or big-endian: the gguf library's own checks apply
+        n_tensors, n_kv = struct.unpack_from("<QQ", head, 8)
+
+        def bad(what: str) -> UsageError:
+            return UsageError(f"GGUF file {path}: {what}; not a model file comptrust reads")
+
+        if n_kv > MAX_KV or n_tensors > MAX_TENSORS:
+            raise bad(f"header declares {n_kv:,} metadata entries and {n_tensors:,} tensors (at most {MAX_KV:,} and "
+                      f"{MAX_TENSORS:,})")
+
+        def read(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) < n:
+                raise UsageError(f"truncated GGUF file {path}: the header runs past the end of the file")
+            return b
+
+        def string(what: str) -> bytes:
+            n = struct.unpack("<Q", read(8))[0]
+            if n > MAX_STRING or n > size:
+                raise bad(f"{what} declares a string of {n:,} bytes")
+            return read(n)
+
+        def value(vtype: int, key: str, depth: int = 0) -> None:
+            if vtype in _SCALAR_SIZES:
+                read(_SCALAR_SIZES[vtype])
+            elif vtype == _STRING:
+                string(f"metadata {key!r}")
+            elif vtype == _ARRAY:
+                etype, count = struct.unpack("<IQ", read(12))
+                if count > MAX_ARRAY_ITEMS:
+                    raise bad(f"metadata array {key!r} has {count:,} elements (at most {MAX_ARRAY_ITEMS:,})")
+                if etype in _SCALAR_SIZES:
+                    n = _SCALAR_SIZES[etype] * count
+                    if f.tell() + n > size:
+                        raise UsageError(f"truncated GGUF file {path}: metadata array {key!r} runs past the end")
+                    f.seek(n, 1)
+                elif etype == _STRING:
+                    for _ in range(count):
+                        string(f"metadata array {key!r}")
+                elif etype == _ARRAY and depth < 2:
+                    for _ in range(count):
+                        value(_ARRAY, key, depth + 1)
+                else:
+                    raise bad(f"metadata array {key!r} has elements of unknown type {etype}")
+            else:
+                raise bad(f"metadata {key!r} has unknown type {vtype}")
+
+        for _ in range(n_kv):
+            key = string("a metadata key").decode("utf-8", "replace")
+            value(struct.unpack("<I", read(4))[0], key)
+        for _ in range(n_tensors):
+            name = string("a tensor name").decode("utf-8", "replace")
+            n_dims = struct.unpack("<I", read(4))[0]
+            if n_dims > 8:
+                raise bad(f"tensor {name!r} declares {n_dims} dimensions")
+            read(8 * n_dims + 4 + 8)
+
+
 def inspect_gguf(path: Path) -> dict[str, Any]:
     """Read the GGUF header: architecture, name, tensor type counts. Raises UsageError if corrupt."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise UsageError(f"{path} is not a GGUF file (bad magic bytes {magic!r})")
+    prescan_gguf(path)
     try:
         from gguf import GGUFReader
 
@@ -63,6 +145,14 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     return info
 
 
+def _cached_meta(meta_file: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def quantization_note(types: dict[str, int]) -> str | None:
     quant = {k: v for k, v in types.items() if k not in ("F32", "F16", "BF16")}
     if not quant:
@@ -82,8 +172,16 @@ def convert(gguf_path: Path) -> tuple[Path, str, dict[str, Any]]:
     out = models_cache() / f"gguf-{fp[:24]}"
     meta_file = out / META_NAME
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return out, meta["fingerprint"], meta
+        meta = _cached_meta(meta_file)
+        if meta is not None and meta.get("fingerprint") == fp:
+            return out, fp, meta
+        # truncated (a kill mid-write of an older version), edited or fingerprint-less: convert again
+        stale = out.with_name(f".{out.name}.stale-{time.time_ns()}")
+        try:
+            out.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
     import sys
 

@@ -126,7 +126,16 @@ def _refuse_pickle_weights(d: Path) -> None:
         )
 
 
-def _refuse_remote_code(d: Path) -> None:
+def check_loadable_dir(d: Path, auto_class: str = "AutoModelForCausalLM") -> None:
+    """The rules for every model folder comptrust loads (the --model, toxicity scorers' hf:DIR, ...): no pickled
+    weights (comptrust loads safetensors only) and no Python code shipped with the checkpoint."""
+    _refuse_pickle_weights(d)
+    if not any(d.glob("*.safetensors")):
+        raise UsageError(f"{d} has no weight files (*.safetensors); comptrust loads safetensors weights only")
+    _refuse_remote_code(d, auto_class)
+
+
+def _refuse_remote_code(d: Path, auto_class: str = "AutoModelForCausalLM") -> None:
     """comptrust never runs Python code shipped with a checkpoint (auto_map in its config), i.e. trust_remote_code
     stays False. A checkpoint of a built-in architecture that also carries an auto_map loads with the built-in
     classes; one that needs its own code is refused here in one line, instead of transformers asking on the terminal.
@@ -146,13 +155,13 @@ def _refuse_remote_code(d: Path) -> None:
         "(trust_remote_code=False); use a checkpoint of an architecture built into transformers"
     )
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto import modeling_auto
 
+    mapping = {"AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING,
+               "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING}[auto_class]
     try:
         config = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
-        if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and (
-            type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING
-        ):
+        if auto_class in (getattr(config, "auto_map", None) or {}) and type(config) not in mapping:
             raise refusal
         AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
     except UsageError:
@@ -174,9 +183,13 @@ def _from_dir(spec: str, d: Path, kind: str = "dir", name: str | None = None) ->
     for extra in (META_NAME, "comptrust.json"):
         if (d / extra).is_file():
             try:
-                data = json.loads((d / extra).read_text())
+                data = json.loads((d / extra).read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{d / extra}: not UTF-8 text (byte {e.start}); a comptrust record is JSON") from None
             except json.JSONDecodeError as e:
                 raise UsageError(f"{d / extra}: malformed JSON ({e.msg})") from None
+            if not isinstance(data, dict):
+                raise UsageError(f"{d / extra}: expected a JSON object, got {type(data).__name__}")
             if extra == "comptrust.json":
                 meta["compression"] = data
             else:

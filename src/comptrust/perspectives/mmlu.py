@@ -46,7 +46,8 @@ def read_csv_rows(path: Path) -> list[tuple[int, Row]]:
     choices = _proto()["protocol"]["choices"]
     out = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel's UTF-8 export) would otherwise start every first question with U+FEFF
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             start = 1
             for row in reader:
