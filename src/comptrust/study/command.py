@@ -33,7 +33,13 @@ breakdowns, provenance), results.csv (one row per variant), results.json, models
   comptrust study study.yaml --out runs/my-study
   comptrust study --status runs/my-study           # done / pending / failed units
   comptrust study study.yaml --out runs/s --executor ray --workers 2   # units as Ray tasks
+  comptrust study study.yaml --out runs/a --adaptive   # add items only where a verdict is undecided
   comptrust report runs/my-study                   # rebuild the report from the store
+
+[bold]Verdicts[/bold]: a variant keeps trust on a perspective when the one-sided (1 - alpha) lower
+confidence bound of (variant - dense) on its worst seed is above -budget; the recommendation is
+the most compressed variant that keeps every perspective (study key decision: point for the
+point-estimate rule). Undecided cells are named with the items that would decide them.
 """
 
 
