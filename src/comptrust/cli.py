@@ -447,10 +447,58 @@ def _click_exceptions():
     return usage, abort, exit_, clicks
 
 
+def _check_environment() -> None:
+    """Environment switches that every command reads, checked before any work: a typo must not surface as a
+    traceback after the model loaded (COMPTRUST_CHUNK_SIZE) or as a cache in an odd place (COMPTRUST_HOME)."""
+    import os
+
+    raw = os.environ.get("COMPTRUST_CHUNK_SIZE")
+    if raw is not None and raw.strip():
+        if not raw.strip().isdigit() or int(raw) <= 0:
+            raise UsageError(f"COMPTRUST_CHUNK_SIZE={raw!r}: expected a positive number of prompts per chunk")
+    home = os.environ.get("COMPTRUST_HOME")
+    if home:
+        p = Path(home).expanduser()
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"COMPTRUST_HOME={home}: not a folder (it is a file); point it at a folder for "
+                             "comptrust's caches")
+    from comptrust.store import _busy_timeout
+
+    _busy_timeout()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors and stable exit codes (2 usage, 1 runtime, 130 interrupted)."""
+    """Console entry point: one-line errors and stable exit codes (2 usage, 1 runtime, 130 interrupted,
+    143 terminated by SIGTERM). Every message is flattened to one line and has its secrets redacted."""
+    import signal
+
+    from comptrust.errors import INTERRUPTED, one_line, redact
+
+    def say(msg: str) -> None:
+        print(f"error: {redact(one_line(msg))}", file=sys.stderr)
+
+    terminated: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001 -- SIGTERM ends the run like Ctrl-C: committed work is kept
+        if signum == signal.SIGTERM:
+            terminated.append(signum)
+        INTERRUPTED.set()  # kept even where the KeyboardInterrupt itself gets swallowed (see errors.INTERRUPTED)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread (main() called from a test's thread): leave signals alone
+            pass
     usage, abort, exit_, clicks = _click_exceptions()
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args):  # Path("") is ".": an empty --out would silently write into the current folder
+        if (a in ("--out", "-o") and i + 1 < len(args) and not args[i + 1].strip()) or a == "--out=":
+            say("--out '': give a folder name (an empty one would write into the current folder)")
+            sys.exit(2)
     try:
+        _check_environment()
         rv = app(args=argv, standalone_mode=False, prog_name="comptrust")
         # typer turns KeyboardInterrupt into Exit(130) and, outside standalone mode, *returns* exit codes
         if rv == 130:
@@ -458,29 +506,42 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rv, int) and not isinstance(rv, bool) and rv:
             sys.exit(rv)
     except ComptrustError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(str(e))
         sys.exit(e.exit_code)
     except usage as e:
-        msg = " ".join(e.format_message().split())
-        print(f"error: {msg}", file=sys.stderr)
+        say(e.format_message())
         sys.exit(2)
     except clicks as e:
-        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        say(e.format_message())
         sys.exit(e.exit_code)
     except OSError as e:
+        if e.errno == errno.EISDIR and e.filename and not getattr(e, "comptrust_write", False):
+            # a folder where a file (a data file, a model file) was expected: bad input, not a failed write
+            say(f"{e.filename} is a folder where a file was expected")
+            sys.exit(2)
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EISDIR,
                        errno.ENOTDIR):
             target = getattr(e, "filename2", None) or e.filename  # a rename names its destination second
             where = f" {target}" if target else ""
-            print(f"error: cannot write{where}: {e.strerror}; work committed so far is kept", file=sys.stderr)
+            say(f"cannot write{where}: {e.strerror}; work committed so far is kept")
             sys.exit(1)
         raise
     except sqlite3.DatabaseError as e:  # a store damaged after it was opened (bad pages): say so in one line
-        print(f"error: the results database (comptrust.sqlite in --out) is damaged: {e}; move it away and rerun "
-              "(its generations are then made again)", file=sys.stderr)
+        if "locked" in str(e) or "busy" in str(e):  # another process holds it: busy, never "move it away"
+            say(f"the results database (comptrust.sqlite in --out) is busy: another comptrust process is writing "
+                f"it ({e}); wait for that run to finish or use another --out; nothing stored was lost")
+        else:
+            say(f"the results database (comptrust.sqlite in --out) is damaged: {e}; move it away and rerun "
+                "(its generations are then made again)")
         sys.exit(1)
     except (KeyboardInterrupt, *abort):
+        if terminated:
+            print("terminated (SIGTERM): finished work is saved; rerun the same command to resume", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except exit_ as e:
         sys.exit(e.exit_code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from comptrust import __version__
 from comptrust import perspectives as registry
 from comptrust.engine.cached import CachedEngine
-from comptrust.errors import UsageError
+from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.perspectives.base import EvalOptions, Loaded, MissingData
 from comptrust.progress import GenerationProgress
 from comptrust.store import Store
@@ -43,13 +43,99 @@ class EvalResult:
     records: dict[str, list[Record]] = field(default_factory=dict)
 
 
+def _write_temp(path: Path, text: str) -> Path:
+    """`text` in a new temp file beside `path`, fsynced. The name is unique (two processes writing the same
+    file never share a temp: they did, and one's rename found the other's temp gone). A failed write removes
+    its partial temp and raises OSError naming `path`."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, path) from None
+        raise
+    return tmp
+
+
+def _write_error(e: OSError, path: Path) -> OSError:
+    """The OSError of a failed write, naming the file (not the temp) and marked as a write for cli.main."""
+    err = OSError(e.errno, e.strerror, str(path))
+    err.comptrust_write = True  # type: ignore[attr-defined]
+    return err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic_many([(path, text)])
+
+
+def write_atomic_many(files: Sequence[tuple[Path, str]]) -> None:
+    """Replace several files as one step as far as a failure goes: every temp is written first, and only when
+    all are complete are they renamed into place. A disk that fills up mid-way leaves the old files, all of
+    them, and no temp; the OSError names the file that could not be written."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files:
+            temps.append((_write_temp(Path(path), text), Path(path)))
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in temps:
+        try:
+            tmp.replace(path)
+        except OSError as e:
+            for t, _ in temps:
+                t.unlink(missing_ok=True)
+            raise _write_error(e, path) from None
+
+
+LOCK_NAME = ".comptrust.lock"
+_HELD: dict[str, Any] = {}  # out folder -> the open lock file this process holds (until it exits)
+
+
+def lock_out_dir(out: Path) -> None:
+    """One comptrust process writes an --out folder at a time: an advisory lock (flock) on
+    --out/.comptrust.lock, held until this process ends; a second process gets a one-line "in use by pid N".
+    A lock, not just unique temp names, because two runs on one folder would also interleave their
+    scores.json and generations.jsonl (each pair consistent, the folder not). The kernel drops the lock when
+    the holder dies, so a killed run never leaves the folder locked."""
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    path = out / LOCK_NAME
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError:
+        return  # cannot even create the lock file (read-only folder): the writes below report it
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise RuntimeFailure(f"--out {out} is in use by pid {pid} (another comptrust run writes there); wait for "
+                             "it to finish or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
 
 
 def check_out_dir(out: Path) -> Path:
@@ -60,6 +146,14 @@ def check_out_dir(out: Path) -> Path:
         raise UsageError(f"--out {out}: cannot create the output directory ({e.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {out}: the output directory is not writable")
+    lock_out_dir(out)
+    now = time.time()
+    for stale in [*out.glob(".*.tmp"), *out.glob("*.json.tmp"), *out.glob("*.jsonl.tmp")]:
+        try:  # temps of runs killed while writing; a minute old, so a report being written now keeps its own
+            if now - stale.stat().st_mtime > 60:
+                stale.unlink()
+        except OSError:
+            pass
     return out
 
 
@@ -72,7 +166,7 @@ def discard_if_unused(out: Path) -> bool:
     out = out.expanduser()
     if not out.is_dir():
         return False
-    store_files = {STORE_NAME + x for x in ("", "-wal", "-shm", "-journal")} | {"comptrust.log"}  # log: not a result
+    store_files = {STORE_NAME + x for x in ("", "-wal", "-shm", "-journal")} | {"comptrust.log", LOCK_NAME}  # log: not a result
     if any(p.name not in store_files for p in out.iterdir()):
         return False
     db = out / STORE_NAME
@@ -88,6 +182,9 @@ def discard_if_unused(out: Path) -> bool:
             return False  # unreadable: leave it for the user to look at
         if rows:
             return False
+    held = _HELD.pop(str(out.resolve()), None)
+    if held is not None:
+        held.close()
     shutil.rmtree(out, ignore_errors=True)
     return True
 
@@ -184,6 +281,12 @@ def evaluate(
             more = f" (+{len(ld.skipped) - 1} more; all listed under 'skipped' in scores.json)" if len(ld.skipped) > 1 else ""
             print(f"warning: {name}: parts skipped for missing files: {first}{more}", file=sys.stderr)
 
+    for name, (_, ld, _o) in loaded.items():
+        note = over_context_note(engine, ld.items)
+        if note:  # said on stderr, and kept among the perspective's notes in scores.json
+            print(f"warning: {name}: {note}", file=sys.stderr)
+            ld.notes.append(note)
+
     bar = GenerationProgress.for_stream(progress)  # a bar on a terminal, plain lines when piped
     total = sum(len(ld.items) for _, ld, _o in loaded.values())
     with nullcontext(store) if store is not None else Store(out_dir / STORE_NAME) as store:
@@ -237,6 +340,49 @@ def evaluate(
     if write_files:
         write_outputs(result, records, opts, config)
     return result
+
+
+def context_limit(engine: Any) -> int | None:
+    """Positions the engine's model was trained for (config.json's max_position_embeddings or the like), for
+    engines that load a local model and can tokenize; None where unknown (a served model: its server refuses
+    what does not fit, and the item fails with the server's message)."""
+    path = getattr(getattr(engine, "resolved", None), "path", None)
+    if path is None or not callable(getattr(engine, "encode", None)):
+        return None
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if isinstance(c, dict):
+            for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+                v = c.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
+
+
+def over_context_note(engine: Any, items: Sequence[Any]) -> str | None:
+    """A note when some prompts do not fit the model's context with their new tokens.
+
+    deviation: none. The protocol's rule (decodingtrust-protocol.md, generation: "the input prompt is never
+    truncated") is followed: such prompts are generated untruncated, as the reference harness does. What is
+    added is that this is said, with the count, instead of passing silently: outputs past the trained context
+    are unreliable, and a reader of the score should know how many there were."""
+    limit = context_limit(engine)
+    if limit is None or not items:
+        return None
+    over, longest = 0, 0
+    for it in items:
+        n = len(engine.encode(it.prompt))
+        if n + it.prompt.params.max_new_tokens > limit:
+            over += 1
+            longest = max(longest, n)
+    if not over:
+        return None
+    return (f"{over} of {len(items)} prompts do not fit the model's context of {limit} tokens with their new tokens "
+            f"(longest prompt {longest} tokens); evaluated untruncated as the protocol says (DecodingTrust never "
+            "truncates a prompt), so their outputs come from beyond the trained context")
 
 
 CI_RESAMPLES = 200  # ~3 s over the mini suites on 2 cores; a study uses 1000 (its `bootstrap` key)
@@ -317,7 +463,7 @@ def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: Ev
         from comptrust import genkwargs
 
         doc["off_protocol"] = {"gen_kwargs": genkwargs.parse(gen_kwargs), "note": OFF_PROTOCOL_NOTE}
-    write_atomic(result.out_dir / "scores.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+    scores_text = json.dumps(doc, indent=2, ensure_ascii=False, default=str)
     lines = []
     for name, recs in records.items():
         for r in recs:
@@ -341,4 +487,8 @@ def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: Ev
                     default=str,
                 )
             )
-    write_atomic(result.out_dir / "generations.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    # one step: both temps are written before either file is replaced, so scores.json never describes other
+    # generations than generations.jsonl beside it (a full disk leaves the old pair); generations first, the
+    # file a reader checks for completeness (scores.json) last
+    write_atomic_many([(result.out_dir / "generations.jsonl", "\n".join(lines) + ("\n" if lines else "")),
+                       (result.out_dir / "scores.json", scores_text)])

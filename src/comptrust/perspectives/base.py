@@ -155,12 +155,20 @@ def first_bad_utf8_line(path: Path) -> int:
     return 1
 
 
+MAX_JSONL_LINE = 1 << 24  # characters; DecodingTrust's longest record is a few hundred KB
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, record); a malformed line is a UsageError naming file and line."""
+    """Yield (line number, record); a malformed line is a UsageError naming file and line. A line is read at most
+    MAX_JSONL_LINE characters at a time: a 4 GiB file with no newline would otherwise be one 4 GiB string
+    (MemoryError)."""
     require_file(path)
     try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(iter(lambda: f.readline(MAX_JSONL_LINE + 1), ""), 1):
+                if len(line) > MAX_JSONL_LINE:
+                    raise UsageError(f"{path}:{lineno}: a line longer than {MAX_JSONL_LINE:,} characters; not one "
+                                     "JSON record per line")
                 if not line.strip():
                     continue
                 try:

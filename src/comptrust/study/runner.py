@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 
 from comptrust import perspectives as registry
 from comptrust.config import EvalConfig
-from comptrust.errors import ComptrustError, UsageError
+from comptrust.errors import ComptrustError, UsageError, check_interrupted
 from comptrust.evaluate import STORE_NAME, check_out_dir, write_atomic
 from comptrust.perspectives.base import EvalOptions
 from comptrust.store import Store
@@ -146,8 +146,12 @@ class Plan:
 
 
 def _one_line(e: BaseException) -> str:
+    """A unit's error as stored and printed: one line, secrets redacted (it lands in comptrust.sqlite,
+    results.json and report.html)."""
+    from comptrust.errors import redact
+
     msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if isinstance(e, ComptrustError) else f"{type(e).__name__}: {msg}"
+    return redact(msg if isinstance(e, ComptrustError) else f"{type(e).__name__}: {msg}")
 
 
 def _compact(records: list[Record]) -> list[dict[str, Any]]:
@@ -237,7 +241,16 @@ def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
 
 
 def checkpoint_dir(out_dir: Path, inst: str, models_dir: Path | None = None) -> Path:
-    return (Path(models_dir) if models_dir else out_dir / "models") / inst
+    """models/<instance>. Guarded although spec.py refuses unsafe names: a study.json edited by hand, or a
+    caller that builds a Variant itself, must not make a checkpoint land outside the models folder."""
+    from comptrust.study.spec import check_variant_name
+
+    base = Path(models_dir) if models_dir else out_dir / "models"
+    why = check_variant_name(inst)
+    if why or Path(inst).name != inst:
+        raise UsageError(f"variant instance {inst!r} {why or 'is not one folder name'}: refusing to write its "
+                         f"checkpoint outside {base}")
+    return base / inst
 
 
 def record_compress(store: Store, v: Variant, seed: int, seconds: float, record: dict[str, Any] | None,
@@ -307,6 +320,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
             t0 = time.time()
             try:
                 record = compress_checkpoint(spec, v, seed or 0, ckpt)
+                check_interrupted()  # a Ctrl-C that a library swallowed: the unit is not recorded as done
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # recorded; the study goes on with the other variants
@@ -327,6 +341,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
     t0 = time.time()
     try:
         result = evaluate_model(spec, model_ref, pending, opts, out_dir, store, progress, backend=backend_for(spec, v))
+        check_interrupted()
     except KeyboardInterrupt:
         raise
     except Exception as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,15 +227,22 @@ class _Lines:
 
     def __init__(self, text: str):
         self.map: dict[tuple, int] = {}
+        self._seen: set[int] = set()
         try:
-            node = yaml.compose(text)
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError:
             node = None
         if node is not None:
             self._walk(node, ())
 
     def _walk(self, node: yaml.Node, path: tuple) -> None:
+        """Each node is walked once: an alias (*a) is the same node object as its anchor, and following aliases
+        again and again turns a 10-line "billion laughs" file into 9^9 paths (4.4 GB before the fix). A path
+        through an alias therefore maps to the alias's line and no deeper; errors under it name that line."""
         self.map[path] = node.start_mark.line + 1
+        if id(node) in self._seen:
+            return
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = k.value
@@ -250,6 +258,66 @@ class _Lines:
                 return self.map[path]
             path = path[:-1]
         return self.map.get(())
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 60, 60, 2, 4, 4
+
+
+def _short(value: Any) -> str:
+    """repr() for error messages, bounded: a value built from YAML aliases can be nested 9 levels of 9 copies deep
+    (the plain repr would be gigabytes)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+VARIANT_NAME_MAX = 120
+
+
+def check_variant_name(name: str) -> str | None:
+    """Why `name` cannot name a variant, or None. A variant's name becomes a folder under models/
+    (models/<name>@s<seed>) and part of unit ids, so it must be one safe path component: refused rather than
+    rewritten, so that what the report shows is what the user wrote."""
+    if not name.strip():
+        return "is empty"
+    if name != name.strip():
+        return "starts or ends with white space"
+    if name in (".", ".."):
+        return "is a relative folder reference"
+    bad = sorted({c for c in name if c in "/\\:" or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        return f"contains {', '.join(repr(c) for c in bad)} (a variant name is one folder name: no /, \\, : or control characters)"
+    if name.startswith("."):
+        return "starts with '.' (a hidden folder)"
+    if len(name.encode("utf-8")) > VARIANT_NAME_MAX:
+        return f"is longer than {VARIANT_NAME_MAX} bytes"
+    return None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    `variants:` further down would drop the first list without a word."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, _ in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    key = self.construct_object(k, deep=deep)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:
+                        continue
+                    if first is not None:
+                        raise _DuplicateKey(key, first, k.start_mark.line + 1)
+                    seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
 
 
 def _unknown(key: str, valid: dict[str, str], where: str) -> str:
@@ -277,7 +345,7 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     def typed(key: str, kinds: tuple[type, ...], what: str) -> Any:
         val = data.get(key)
         if val is not None and (not isinstance(val, kinds) or isinstance(val, bool) and bool not in kinds):
-            raise fail(f"{key}: expected {what}, got {val!r}", key)
+            raise fail(f"{key}: expected {what}, got {_short(val)}", key)
         return val
 
     spec.model = typed("model", (str,), "a model path or Hub id")
@@ -351,6 +419,9 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     if not isinstance(persp, list) or not persp:
         raise fail("perspectives: expected 'all' or a non-empty list of names", "perspectives")
     for i, name in enumerate(persp):
+        if not isinstance(name, str):
+            raise fail(f"perspectives[{i}]: expected a perspective name, got {_short(name)}; "
+                       f"known: {', '.join(registry.REGISTRY)}", "perspectives", i)
         if name not in registry.REGISTRY:
             hint = difflib.get_close_matches(str(name), registry.REGISTRY, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -363,6 +434,9 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     seen: dict[str, int] = {}
     for i, rv in enumerate(raw_variants):
         v = _variant(rv, i, fail, spec.model)
+        why = check_variant_name(v.name)  # names built from settings (gguf file stems) too
+        if why:
+            raise fail(f"variants[{i}]: the name {v.name!r} {why}; give it a 'name'", "variants", i)
         if v.name in seen:
             raise fail(f"variants[{i}]: the name '{v.name}' is used twice (also variants[{seen[v.name]}]); "
                        "give one a 'name'", "variants", i)
@@ -400,11 +474,22 @@ def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
     if isinstance(rv, str):
         rv = {"method": rv}
     if not isinstance(rv, dict):
-        raise fail(f"{where}: expected 'dense' or a mapping like {{method: gptq, bits: 4}}, got {rv!r}", "variants", i)
+        raise fail(f"{where}: expected 'dense' or a mapping like {{method: gptq, bits: 4}}, got {_short(rv)}",
+                   "variants", i)
     for k in rv:
         if k not in VARIANT_KEYS:
             raise fail(_unknown(str(k), VARIANT_KEYS, where), "variants", i, k, "<key>")
     method = rv.get("method")
+    if "name" in rv:
+        name = rv["name"]
+        if not isinstance(name, (str, int)) or isinstance(name, bool):
+            raise fail(f"{where}: name: expected a text label, got {_short(name)}", "variants", i, "name")
+        why = check_variant_name(str(name))
+        if why:
+            raise fail(f"{where}: the name {str(name)!r} {why}", "variants", i, "name")
+        if str(name) == DENSE and method != DENSE:
+            raise fail(f"{where}: the name 'dense' is reserved for the dense baseline; give this {method} variant "
+                       "another name", "variants", i, "name")
     if method == DENSE:
         extra = [k for k in rv if k not in ("method", "name")]
         if extra:
@@ -424,8 +509,12 @@ def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise fail(f"{where}: seeds: expected a list of non-negative integers, got {seeds!r}", "variants", i, "seeds")
+        raise fail(f"{where}: seeds: expected a list of non-negative integers, got {_short(seeds)}", "variants", i,
+                   "seeds")
     settings = {k: v for k, v in rv.items() if k not in ("name", "method", "seeds")}
+    for k, val in settings.items():  # every compression setting is one value; a list here may be an alias bomb
+        if isinstance(val, (list, dict)):
+            raise fail(f"{where}: {k}: expected a single value, got {_short(val)}", "variants", i, k)
     try:
         cfg = CompressionConfig.build(method=method, seed=seeds[0], **settings)
     except UsageError as e:
@@ -443,6 +532,9 @@ def _gguf_variant(rv: dict[str, Any], i: int, fail: Any, model: str | None) -> V
         raise fail(f"{where}: gguf variants take no seeds (llama.cpp quantization uses no calibration data)",
                    "variants", i, "seeds")
     settings = {k: v for k, v in rv.items() if k not in ("name", "method")}
+    for k, val in settings.items():
+        if isinstance(val, (list, dict)):
+            raise fail(f"{where}: {k}: expected a single value, got {_short(val)}", "variants", i, k)
     try:
         gguf.check_settings(settings, model)
     except UsageError as e:
@@ -474,7 +566,10 @@ def load_spec(path: Path | None) -> StudySpec:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the study file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise UsageError(f"{path}:{e.line}: duplicate key {_short(e.key)} (first on line {e.first}); "
+                         "a key may appear once in a mapping") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
