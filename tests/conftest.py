@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything imports torch (see comptrust/__init__)
+# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, and so do the CLI
+# subprocesses it starts (they inherit the variable; comptrust.cpu.cpu_threads() reads it). Two workers at all
+# cores each would put 4 threads on 2 cores, where every OpenMP barrier waits for a descheduled thread.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 from pathlib import Path
 
 import pytest
@@ -46,3 +52,44 @@ def pytest_configure(config):
     os.environ["COMPTRUST_HOME"] = home
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("COMPTRUST_REQUIRE_LLAMACPP") == "1" and not hasattr(config, "workerinput"):
+        # CI sets this: there the served-GGUF tests (a real llama.cpp server) must run, never skip silently
+        from comptrust.serve.llamacpp import llama_cpp_available
+
+        why = llama_cpp_available()
+        if why:
+            pytest.exit(f"error: COMPTRUST_REQUIRE_LLAMACPP=1 but llama.cpp cannot be served: {why}", returncode=1)
+
+
+# Modules whose tests run longest, first: pytest-xdist hands out whole modules in collection order (--dist
+# loadscope/loadgroup), so a long module taken last would leave one core idle at the end. The order only schedules;
+# every test still runs. Measured with `pytest --durations=0` (see Makefile); a module not named here keeps its
+# place after these.
+LONG_FIRST = (
+    "tests/study/test_study_e2e.py",
+    "tests/study/test_crash.py",
+    "tests/study/test_gguf_study.py",
+    "tests/compress/test_methods.py",
+    "tests/test_openai_engine.py",
+    "tests/compress/test_cli.py",
+    "tests/test_cli.py",
+    "tests/test_bad_input.py",
+    "tests/test_engine.py",
+    "tests/test_fidelity.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Long modules first (stable: the order within a module is kept), each module one xdist group, so that its
+    module-scoped fixtures (a model, a finished study) are built once, by one worker."""
+    rank = {m: i for i, m in enumerate(LONG_FIRST)}
+
+    def module_of(item) -> str:
+        p = Path(str(item.fspath)).resolve()
+        return p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else p.as_posix()
+
+    items.sort(key=lambda it: rank.get(module_of(it), len(rank)))
+    if config.pluginmanager.hasplugin("xdist"):
+        for it in items:
+            if not any(m.name == "xdist_group" for m in it.iter_markers()):
+                it.add_marker(pytest.mark.xdist_group(module_of(it)))

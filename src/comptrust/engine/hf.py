@@ -537,7 +537,9 @@ class HFEngine:
 
         t0 = time.time()
         if not self.on_cuda or self.threads:
-            torch.set_num_threads(self.threads or os.cpu_count() or 1)
+            from comptrust.cpu import cpu_threads  # OMP_NUM_THREADS (a test worker's share) wins over all cores
+
+            torch.set_num_threads(self.threads or cpu_threads())
         register_attention()
         path = self.resolved.path
         # the model's own attention (model.generate(), the reference loop): eager on the CPU, where it is 2.4x

@@ -12,7 +12,8 @@ chat template embedded in the GGUF (tokenizer.chat_template), the one transforme
 serves one request at a time (a lock around its one model), so gguf_engine uses concurrency 2: one request
 running, one queued.
 
-Needs `pip install 'comptrust[serve]'` (llama-cpp-python[server], compiled from source by pip).
+Needs llama-cpp-python[server]: `bash scripts/llamacpp.sh` (what the test set-up runs: only libllama + ggml are
+compiled, once per machine) or `pip install 'comptrust[serve]'` (pip compiles all of llama.cpp).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from comptrust.cpu import cpu_threads
 from comptrust.errors import RuntimeFailure, UsageError
 
-INSTALL_HINT = "pip install 'llama-cpp-python[server]' (or comptrust[serve]); it compiles llama.cpp, which takes a while"
+INSTALL_HINT = ("bash scripts/llamacpp.sh in the venv (compiles only what comptrust loads, cached in $COMPTRUST_HOME), "
+                "or pip install 'llama-cpp-python[server]' (compiles all of llama.cpp)")
 
 # Sampling knobs whose llama.cpp defaults differ from transformers' (repeat_penalty 1.1, min_p 0.05, top_k 40):
 # set to transformers' behaviour so served and in-process evaluations decode the same way (top_k 50 is
@@ -61,6 +64,14 @@ def llama_cpp_available() -> str | None:
                if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed: {INSTALL_HINT}"
+    # the Python package without its compiled library (a build that failed half-way) imports with an OSError;
+    # say so here rather than fail every served test with a traceback
+    spec = importlib.util.find_spec("llama_cpp")
+    lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH") or (
+        os.path.join(next(iter(spec.submodule_search_locations)), "lib") if spec and spec.submodule_search_locations
+        else "")
+    if not any(os.path.isfile(os.path.join(lib_dir, n)) for n in ("libllama.so", "libllama.dylib", "llama.dll")):
+        return f"llama_cpp is installed without its compiled library (no libllama in {lib_dir}): {INSTALL_HINT}"
     return None
 
 
@@ -75,7 +86,8 @@ class LlamaCppServer:
     (http://127.0.0.1:<port>/v1), and stops it on exit (SIGTERM, then SIGKILL after `stop_grace` s), also on
     exceptions and KeyboardInterrupt. start()/stop() can be called directly (a restart keeps the port).
 
-    n_ctx: context size (default 8192; 0 = the model's training context). n_threads: default all cores.
+    n_ctx: context size (default 8192; 0 = the model's training context). n_threads: default
+    comptrust.cpu.cpu_threads() (OMP_NUM_THREADS when set, else all cores).
     log_path: where the server's output goes (default a temporary file, removed on stop unless it failed).
     """
 
@@ -102,7 +114,7 @@ class LlamaCppServer:
             raise UsageError(f"n_ctx {n_ctx}: must be 0 (the model's) or positive")
         self.port = port
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or cpu_threads()
         self.alias = alias or self.gguf_path.stem
         self.host = host
         self.startup_timeout = startup_timeout
@@ -349,7 +361,7 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = code
     params.allow_requantize = allow_requantize
-    params.nthread = nthread or os.cpu_count() or 1
+    params.nthread = nthread or cpu_threads()
     params.pure = pure
     t0 = time.time()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
