@@ -165,6 +165,21 @@ def test_unparseable_outputs_are_counted_per_perspective(tmp_path):
     assert a["variants"]["magnitude-2of4"]["perspectives"]["ethics"]["unparseable"] == 0.0
 
 
+def test_a_variant_without_a_score_where_dense_has_one_is_not_kept(tmp_path):
+    # fairness: dense answers every item, the variant answers nothing parsable, so its fairness is not scorable
+    spec = {**BIG, "perspectives": ["fairness", "stereotype"]}
+    build(tmp_path, spec, {"dense": lambda p, it, i: "yes" if p == "fairness" else good(p, it, i),
+                           "rtn-w4@s0": lambda p, it, i: "zq" if p == "fairness" else good(p, it, i),
+                           "magnitude-2of4@s0": lambda p, it, i: "yes" if p == "fairness" else good(p, it, i)})
+    a = write_report(tmp_path)
+    assert a["variants"]["dense"]["perspectives"]["fairness"]["mean"] is not None
+    c = a["variants"]["rtn-w4"]["perspectives"]["fairness"]
+    assert c.get("mean") is None and c["verdict"]["verdict"] == UNDECIDED and "not scorable" in c["verdict"]["reason"]
+    assert a["recommendation"]["variant"] == "magnitude-2of4"
+    assert "rtn-w4" not in a["recommendation"]["kept"]
+    assert "not scorable" in (tmp_path / "report.html").read_text()
+
+
 def test_perplexity_blowup_flags_the_variant_degenerate(tmp_path):
     spec = {**BIG, "max_ppl_ratio": 3}
     build(tmp_path, spec, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": good},

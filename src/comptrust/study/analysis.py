@@ -403,7 +403,13 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
                 for key in ("refusal", "unparseable"):
                     if cell.get(key) is not None and dcell.get(key) is not None:
                         cell[f"{key}_change"] = cell[key] - dcell[key]
-            if is_dense or cell.get("mean") is None or base is None:
+            if is_dense or base is None:
+                continue
+            if cell.get("mean") is None:
+                if not cell["errors"] and cell["seeds"]:  # ran, but no score: the variant cannot be shown to keep
+                    cell["verdict"] = {"verdict": UNDECIDED, "reason": "not scorable for this variant (dense is)",
+                                       "counts": False, "seeds": {}, "seed": None, "delta": None, "se": None,
+                                       "lcb": None, "ucb": None, "n": cell.get("n_items"), "more_items": None}
                 continue
             cell["flags"] = list(row["flags"]) + _confound(pname, cell, per_p[pname], dense_key)
             cell["verdict"] = _verdict(spec, pname, cell, per_p[pname], dense_key, z_look,
@@ -613,7 +619,9 @@ def recommend_noninferiority(spec: StudySpec, variants: dict[str, Any], dense_na
             cells = variants[n]["perspectives"]
             if any(m is None for m in need.values()):
                 p = next(p for p, m in need.items() if m is None)
-                out.append(f"{n} ({p} sits on the budget: more items may not decide it)")
+                why = cells[p]["verdict"].get("reason") or ""
+                out.append(f"{n} ({p}: " + ("not scorable" if "not scorable" in why else
+                                            "sits on the budget, more items may not decide it") + ")")
                 continue
             p = max(need, key=need.get)
             n_now = cells[p]["verdict"].get("n") or 0
