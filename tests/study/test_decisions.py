@@ -368,6 +368,8 @@ def test_adaptive_study_decides_in_rounds_with_the_same_items(tmp_path, monkeypa
     assert [lk["boundary"] for lk in doc["looks"]] == plan["boundaries"]
     assert plan["boundaries"][-1] > stats.norm.ppf(0.95) and plan["boundaries"][0] > 4
     assert json.loads((tmp_path / "s" / "adaptive.json").read_text())["generated"] == doc["generated"]
+    md = (tmp_path / "s" / "adaptive.md").read_text()
+    assert "| rtn-w4 | stereotype | keeps | 4 | 48 |" in md and "| magnitude-2of4 | stereotype | loses | 2 | 12 |" in md
     # rerunning resumes: nothing is generated again
     again = adaptive.run_adaptive(spec, tmp_path / "s", adaptive.Settings(looks=4, start_limit=2), progress=False)
     assert again["final"] == doc["final"]

@@ -205,7 +205,32 @@ def _write(out_dir: Path, spec: StudySpec, settings: Settings, plans: dict[str, 
            "still_open": sorted(f"{n}:{p}" for n, p in open_pairs), "generated": spent,
            "stopped_for_budget": stopped_for_budget, "recommendation": rec}
     write_atomic(out_dir / ADAPTIVE_NAME, json.dumps(doc, indent=2, default=str))
+    write_atomic(out_dir / "adaptive.md", _markdown(doc))
     return doc
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    """adaptive.md: the recommendation, the final verdict of every pair with the look that decided it, the looks."""
+    lines = ["# Adaptive study", "", doc["recommendation"]["text"], "",
+             f"Design: {doc['design']}; alpha {doc['alpha']:g}, budget {doc['budget']:g} points; "
+             f"{doc['generated']} generations" + (" (stopped: generation budget spent)" if doc["stopped_for_budget"]
+                                                  else "") + ".", "",
+             "| variant | perspective | verdict | look | items | delta | lower bound | upper bound | flags |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x: Any) -> str:
+        return "" if x is None else f"{x:+.1f}"
+
+    for key, c in doc["final"].items():
+        n, p = key.rsplit(":", 1)
+        v = c["verdict"]
+        lines.append(f"| {n} | {p} | {v.get('verdict')} | {c['look']} | {v.get('n')} | {f(v.get('delta'))} | "
+                     f"{f(v.get('lcb'))} | {f(v.get('ucb'))} | {', '.join(c.get('flags') or [])} |")
+    lines += ["", "| look | perspective | limit | items | boundary z | generated | verdicts |", "|---|---|---|---|---|---|---|"]
+    for lk in doc["looks"]:
+        lines.append(f"| {lk['look']} | {lk['perspective']} | {lk['limit']} | {lk['items']} | {lk['boundary']:.2f} | "
+                     f"{lk['generated']} | {', '.join(f'{n}: {v}' for n, v in lk['verdicts'].items())} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
