@@ -165,6 +165,11 @@ def split_count(total: int, k: int) -> list[int]:
 class OpenAIEngine:
     """An Engine over an OpenAI-compatible server. Thread-safe; one instance per (server, model)."""
 
+    # engine.base.Engine attributes: the weights live on the server, whose device and dtype are not reported
+    device = "remote"
+    dtype = "unknown"
+    chunk_size = 128  # prompts per call: enough to keep `concurrency` requests in flight, small commits
+
     def __init__(
         self,
         base_url: str,

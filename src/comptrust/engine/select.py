@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from comptrust.engine import BACKENDS as WEIGHT_BACKENDS
+from comptrust.engine import ALL_BACKENDS, SERVED
 from comptrust.errors import UsageError
 
 OPENAI_PREFIX = "openai:"
-BACKENDS = (*WEIGHT_BACKENDS, "llamacpp")  # llamacpp: the model is served, not loaded here
+BACKENDS = ALL_BACKENDS  # the engine registry's names (engine/__init__.py); llamacpp: served, not loaded here
 
 
 def gguf_source(model: str | None) -> Path:
@@ -59,10 +59,8 @@ def open_engine(
         finally:
             engine.close()
         return
-    if backend == "llamacpp":
-        from comptrust.serve.llamacpp import gguf_engine
-
-        with gguf_engine(gguf_source(model)) as engine:
+    if backend in SERVED:  # a context manager that starts the server and yields an engine on it
+        with SERVED[backend].load()(gguf_source(model)) as engine:
             yield engine, engine.describe()
         return
     from comptrust.engine import make_engine
@@ -70,7 +68,7 @@ def open_engine(
 
     resolved = resolve(model)
     engine = make_engine(resolved, backend=backend, device=device, dtype=dtype, batch_size=batch_size, chat=chat)
-    info = resolved.describe() | {"engine": engine.backend, "device": engine.device, "dtype": engine.dtype}
+    info = engine.describe()
     try:
         yield engine, info
     finally:
