@@ -125,3 +125,156 @@ def test_missing_data_for_the_only_perspective_is_an_error(tmp_path):
     err = one_line_error(p)
     assert "no data for any requested perspective" in err and "stereotype_bias_data.jsonl" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- lm-eval habits (issue 22) -------------------------------------------------------------------------------
+
+
+def test_version_and_perspectives_listing():
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.strip().startswith("comptrust 0.")
+    p = run("perspectives", "--limit", "1", "--limit", "3")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "MMLU (benign accuracy)" in out and "not lm-eval's log-likelihood mmlu" in out
+    assert "3 sub-scenarios: benign, untargeted, targeted" in out
+    assert "prompts: mini suite: 48 | --limit 1: 3 | --limit 3: 9" in out  # stereotype: 3 system prompts x limit
+    j = run("perspectives", "--json")
+    rows = {r["perspective"]: r for r in json.loads(j.stdout)}
+    # the counts are the loaders' own: the sum over perspectives is what `-p all --limit 1` sends
+    from comptrust.config import EvalConfig
+    from comptrust.evaluate import load_perspectives
+
+    loaded, _ = load_perspectives(list(rows), EvalConfig(limit=1).to_options())
+    assert sum(r["--limit 1"]["prompts"] for r in rows.values()) == sum(len(ld.items) for _, ld, _ in loaded.values())
+    tl = run("evaluate", "--tasks", "list")  # lm-eval's `--tasks list`
+    assert tl.returncode == 0 and "stereotype" in tl.stdout and "--limit 1" in tl.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model_args", "pretrained=foo"), "--model_args is an lm-evaluation-harness flag: comptrust takes the model itself: --model"),
+    (("--num_fewshot", "3"), "--num_fewshot is an lm-evaluation-harness flag: the shot counts are DecodingTrust's"),
+    (("--use_cache", "x"), "cached in --out/comptrust.sqlite"),
+    (("--apply_chat_template",), "--raw"),
+    (("--perspektives", "x"), "No such option: --perspektives (did you mean --perspectives?)"),
+    (("--batch-size", "big"), "--batch-size big: expected a positive number of prompts or auto"),
+    (("--batch_size", "0"), "--batch-size 0: must be positive"),
+    (("--gen-kwargs", "until=x"), "unknown key 'until'"),
+    (("--gen_kwargs", "temperature=-1"), "temperature=-1: expected a number >= 0"),
+    (("-p", "MMLUU"), "unknown perspective 'MMLUU' (did you mean 'mmlu'?)"),
+])
+def test_lm_eval_flags_answered_in_one_line(tmp_path, args, needle):
+    p = run("evaluate", "--tasks", "stereotype", "--output_path", str(tmp_path / "o"), *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert needle in one_line_error(p)
+    assert not (tmp_path / "o").exists()  # answered before anything is made
+
+
+def test_config_file_gives_an_evaluation_its_settings(tmp_path):
+    """--config takes a study file's keys; the command line wins; a file with compression variants is a study;
+    errors name the file and line (the study loader's)."""
+    from typer.testing import CliRunner
+
+    import comptrust.cli as cli
+
+    seen = {}
+
+    def fake_evaluate(model, perspectives, out, config=None, **kw):
+        seen.update(model=model, perspectives=perspectives, config=config)
+        raise SystemExit(0)
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("perspectives: [MMLU, stereotype]\nlimit: 3\nseed: 7\nn: 2\nbudget: 3\n")
+    import comptrust.api as api
+
+    orig = api.evaluate
+    api.evaluate = fake_evaluate
+    try:
+        r = CliRunner().invoke(cli.app, ["evaluate", "--config", str(cfg), "--out", str(tmp_path / "o"), "--seed", "1"])
+    finally:
+        api.evaluate = orig
+    assert r.exit_code == 0, r.output
+    assert seen["perspectives"] == "mmlu,stereotype"
+    assert (seen["config"].limit, seen["config"].seed, seen["config"].n) == (3, 1, 2)  # --seed 1 beats the file's 7
+    assert "budget apply to studies only" in r.output
+    study = tmp_path / "study.yaml"
+    study.write_text("perspectives: [ethics]\nvariants:\n  - dense\n  - {method: gptq, bits: 4}\n")
+    p = run("evaluate", "--config", str(study), "--out", str(tmp_path / "o2"))
+    assert p.returncode == 2 and "an evaluation runs one model" in one_line_error(p)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("perspectives: [ethics]\nlimmit: 2\n")
+    p = run("evaluate", "--config", str(bad), "--out", str(tmp_path / "o3"))
+    assert p.returncode == 2 and f"{bad}:2: unknown key 'limmit'" in one_line_error(p)
+
+
+def test_progress_lines_when_not_a_terminal():
+    """Piped output gets plain lines with counts, rate and ETA; the bar advances inside a batch (on_step) and an
+    engine that reports no batches still advances on commit."""
+    import io
+
+    from comptrust.progress import GenerationProgress
+
+    s = io.StringIO()
+    s.isatty = lambda: False  # type: ignore[method-assign]
+    bar = GenerationProgress.for_stream(None, s)
+    assert bar.mode == "lines"
+    bar.every = 0.0
+    bar.start(10, "generating (stereotype)")
+    bar.advance(2)  # cache hits: done, not a rate
+    bar.step(4, 5, 10)  # half of a 4-prompt batch decoded
+    bar.t_gen -= 10  # as if it had taken ten seconds
+    bar.step(4, 10, 10)
+    bar.batch(4, 40)
+    bar.commit(4, 40)  # already reported by the batch: no double count
+    assert bar.done == 6
+    bar.commit(4, 12)  # a chunk whose engine reported no batch
+    assert bar.done == 10
+    bar.stop()
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("[comptrust] generating (stereotype): 0/10 prompts (0%), rate ?")
+    # inside the batch: 2 cached + 4 prompts at 10 of 10 steps after 10 s -> 0.40 prompts/s, 4 left -> ETA 0:10
+    assert any("6/10 prompts (60%), 0.40 prompts/s" in x and "ETA 0:10" in x for x in lines), lines
+    assert lines[-1].startswith("[comptrust] generating (stereotype): 10/10 prompts (100%)")
+
+
+def test_hf_engine_reports_decode_steps_inside_a_batch(tmp_path):
+    from comptrust.engine.hf import HFEngine
+    from comptrust.models import resolve
+    from comptrust.types import GenParams, Prompt
+    from tests.compress import build_tiny
+
+    eng = HFEngine(resolve(str(build_tiny(tmp_path / "tiny"))), device="cpu", dtype="float32")
+    eng.ignore_eos = True  # random weights: fixed lengths
+    calls = []
+    eng.on_step = lambda prompts, done, max_new: calls.append((prompts, done, max_new))
+    batches = []
+    params = GenParams(max_new_tokens=12)
+    eng.generate([Prompt.chat(("user", f"hello {i}"), params=params) for i in range(3)],
+                 progress=lambda n, tok: batches.append(n))
+    assert batches == [3]
+    assert calls and all(c[0] == 3 and c[2] == 12 for c in calls)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls) and calls[-1][1] >= 10
+
+
+def test_piped_evaluate_prints_stage_and_progress_lines(tmp_path):
+    """A real run (tiny random model) with stderr not a terminal: the first line says what is happening, progress
+    lines follow, third-party chatter goes to --out/comptrust.log, not stderr."""
+    import time
+
+    from tests.compress import build_tiny
+
+    model = build_tiny(tmp_path / "tiny")
+    out = tmp_path / "o"
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "comptrust", "evaluate", "-m", str(model), "-p", "Stereotype",
+                             "--limit", "1", "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "default"})
+    first = proc.stderr.readline()
+    t_first = time.time() - t0
+    rest, _ = proc.communicate(timeout=600)[::-1], None
+    err = first + rest[0]
+    assert proc.returncode == 0, err
+    assert first.startswith("[comptrust] resolving model"), err
+    assert t_first < 15, t_first  # measured ~1 s on an idle 2-core machine; generous for a shared one
+    assert "[comptrust] generating (stereotype): 3/3 prompts (100%)" in err, err
+    assert "Traceback" not in err and "it/s]" not in err  # no third-party bars

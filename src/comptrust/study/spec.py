@@ -418,6 +418,7 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
         persp = [p.strip() for p in persp.split(",")] if persp.strip() != "all" else list(registry.REGISTRY)
     if not isinstance(persp, list) or not persp:
         raise fail("perspectives: expected 'all' or a non-empty list of names", "perspectives")
+    persp = [registry.canonical(n) if isinstance(n, str) else n for n in persp]  # MMLU, adv-demo: as on the CLI
     for i, name in enumerate(persp):
         if not isinstance(name, str):
             raise fail(f"perspectives[{i}]: expected a perspective name, got {_short(name)}; "
