@@ -698,7 +698,7 @@ def test_crafted_gguf_with_a_huge_array_is_refused_before_it_is_read(tmp_path):
     wall = time.time() - t0
     first, rss_kb = p.stdout.splitlines()[0], int(p.stdout.splitlines()[1])
     assert first == (f"UsageError GGUF file {f}: metadata array 'general.crafted' has 4,194,304 elements (at most "
-                     "2,097,152); not a model file comptrust reads"), p.stdout + p.stderr
+                     "1,048,576); not a model file comptrust reads"), p.stdout + p.stderr
     assert rss_kb < 400_000 and wall < 60, (rss_kb, wall)
 
 
@@ -914,3 +914,49 @@ def test_a_swallowed_ctrl_c_during_compression_still_stops_the_study(tmp_path, m
         units = st.units()
     assert "compress:magnitude-2of4@s0" not in units  # not recorded as done: a rerun compresses again
     assert len(evaluated) == 1  # dense only: the compressed model was never evaluated
+
+
+def _can_mount_readonly() -> bool:
+    import shutil as _sh
+
+    if not _sh.which("unshare"):
+        return False
+    p = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return p.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_readonly(), reason="needs unshare -m (a private read-only bind mount)")
+def test_study_status_works_on_read_only_media(tmp_path):
+    d = _study_dir(tmp_path)
+    with Store(d / "comptrust.sqlite") as st:
+        st.put_unit("eval:dense:ethics", "failed", "failed", {"fingerprint": "x"}, 2.0, "boom")
+    script = (f"mount --bind {d} {d} && mount -o remount,bind,ro {d} && touch {d}/probe 2>/dev/null && exit 99; "
+              f"exec {sys.executable} -m comptrust study --status {d}")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "eval:dense:ethics" in p.stdout and "failed" in p.stdout and "boom" in p.stdout
+
+
+@pytest.mark.model
+def test_a_truncated_cached_model_record_is_converted_again(tmp_path, monkeypatch):
+    """$COMPTRUST_HOME/models/gguf-*/comptrust-model.json cut short (or without its fingerprint) used to be a
+    JSONDecodeError / KeyError traceback on every run; the conversion is now redone."""
+    from comptrust.models import gguf_convert
+    from comptrust.models.fingerprint import file_sha256
+    from comptrust.models.resolve import embedded_gguf
+
+    monkeypatch.setenv("COMPTRUST_HOME", str(tmp_path / "home"))
+    src = embedded_gguf()
+    fp = file_sha256(src)
+    for broken in ('{"fingerprint": "ab', '{"source": "x"}'):
+        out = gguf_convert.models_cache() / f"gguf-{fp[:24]}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / gguf_convert.META_NAME).write_text(broken)
+        hf_dir, got_fp, meta = gguf_convert.convert(src)
+        assert got_fp == fp and meta["fingerprint"] == fp and (hf_dir / "model.safetensors").is_file()
+        assert json.loads((hf_dir / gguf_convert.META_NAME).read_text())["fingerprint"] == fp
+
+
+def test_store_wait_is_checked_up_front():
+    p = _cli("perspectives", env={"COMPTRUST_STORE_WAIT": "soon"})
+    assert p.returncode == 2 and _last(p) == "error: COMPTRUST_STORE_WAIT='soon': expected seconds between 0 and 86400"

@@ -26,8 +26,10 @@ META_NAME = "comptrust-model.json"
 
 # Bounds on a GGUF header, checked before the gguf library reads it: GGUFReader builds Python objects for every
 # element of a metadata array (~720 B of RAM per file byte: a crafted 4 MB file with one 4M-element array took
-# 2 min and 2.9 GB). The largest real arrays are a tokenizer's tokens / scores / types / merges (~260k entries).
-MAX_ARRAY_ITEMS = 1 << 21
+# 2 min and 2.9 GB). The largest real arrays are a tokenizer's tokens / scores / types / merges (~260k entries);
+# the bounds keep what a crafted header can cost the reader to about a real large-vocabulary model's header.
+MAX_ARRAY_ITEMS = 1 << 20
+MAX_TOTAL_ITEMS = 1 << 22
 MAX_KV = 10_000
 MAX_TENSORS = 100_000
 MAX_STRING = 1 << 24
@@ -78,6 +80,9 @@ def prescan_gguf(path: Path) -> None:
                 etype, count = struct.unpack("<IQ", read(12))
                 if count > MAX_ARRAY_ITEMS:
                     raise bad(f"metadata array {key!r} has {count:,} elements (at most {MAX_ARRAY_ITEMS:,})")
+                total[0] += count
+                if total[0] > MAX_TOTAL_ITEMS:
+                    raise bad(f"its metadata arrays hold more than {MAX_TOTAL_ITEMS:,} elements in all")
                 if etype in _SCALAR_SIZES:
                     n = _SCALAR_SIZES[etype] * count
                     if f.tell() + n > size:
@@ -94,6 +99,7 @@ def prescan_gguf(path: Path) -> None:
             else:
                 raise bad(f"metadata {key!r} has unknown type {vtype}")
 
+        total = [0]
         for _ in range(n_kv):
             key = string("a metadata key").decode("utf-8", "replace")
             value(struct.unpack("<I", read(4))[0], key)
