@@ -278,3 +278,31 @@ def test_piped_evaluate_prints_stage_and_progress_lines(tmp_path):
     assert t_first < 15, t_first  # measured ~1 s on an idle 2-core machine; generous for a shared one
     assert "[comptrust] generating (stereotype): 3/3 prompts (100%)" in err, err
     assert "Traceback" not in err and "it/s]" not in err  # no third-party bars
+
+
+def test_third_party_chatter_goes_to_the_log_file(tmp_path, capfd, monkeypatch):
+    import logging
+    import warnings
+
+    shown = []  # what reaches the usual warning display (stderr outside pytest)
+    monkeypatch.setattr(warnings, "showwarning", lambda m, c, f, n, file=None, line=None: shown.append(str(m)))
+
+    from tqdm import tqdm
+
+    from comptrust.logs import third_party_to_log
+
+    log = tmp_path / "comptrust.log"
+    with third_party_to_log(log):
+        for _ in tqdm(range(3), desc="per-layer bar"):
+            pass
+        logging.getLogger("transformers.modeling_utils").warning("a transformers advisory")
+        warnings.warn_explicit("a torch warning", UserWarning, "/site-packages/torch/nn/x.py", 1)
+        warnings.warn_explicit("comptrust's own warning", UserWarning, "/src/comptrust/evaluate.py", 1)
+    err = capfd.readouterr().err
+    assert "per-layer bar" not in err and "a transformers advisory" not in err and "a torch warning" not in err
+    assert shown == ["comptrust's own warning"]
+    text = log.read_text()
+    assert "a transformers advisory" in text and "a torch warning" in text
+    for _ in tqdm(range(2), desc="after the block"):
+        pass
+    assert "after the block" in capfd.readouterr().err  # everything restored

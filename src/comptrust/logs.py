@@ -8,7 +8,7 @@ compression between comptrust's own lines, which buried the progress a person pl
   and not to stderr; transformers' own progress bars are off;
 * llm-compressor's loguru logger writes to ``path`` (when llm-compressor is imported in the block);
 * ``warnings.warn`` from third-party code is written to ``path``; comptrust's own warnings still reach stderr;
-* tqdm bars are disabled (TQDM_DISABLE) for code that creates them in the block.
+* tqdm bars created in the block are disabled (and TQDM_DISABLE=1 is set for processes it starts).
 
 The file is opened on the first record only, so a run that logs nothing leaves no file (an --out folder holding
 nothing computed can then still be removed). Everything is restored on exit.
@@ -34,6 +34,10 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
     path = Path(path).expanduser()
     handler = _LazyFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    old_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # for processes started in the block (tqdm reads it when imported)
+    tqdm_init = _silence_tqdm()  # for this process, where tqdm may be imported already
+    hf_bars = _transformers_bars(False)  # imports transformers first: it installs its stderr handler on import
     saved = []
     for name in LOGGERS:
         lg = logging.getLogger(name)
@@ -43,9 +47,6 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
                 lg.removeHandler(h)
         lg.addHandler(handler)
         lg.propagate = False
-    hf_bars = _transformers_bars(False)
-    old_env = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     old_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
@@ -67,6 +68,10 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
             os.environ["TQDM_DISABLE"] = old_env
         if hf_bars is not None:
             _transformers_bars(hf_bars)
+        if tqdm_init is not None:
+            import tqdm.std
+
+            tqdm.std.tqdm.__init__ = tqdm_init
         for lg, prop, handlers in saved:
             lg.removeHandler(handler)
             for h in handlers:
@@ -88,6 +93,23 @@ class _LazyFileHandler(logging.FileHandler):
         super().emit(record)
 
 
+def _silence_tqdm():
+    """Every tqdm bar created from now on is disabled (tqdm.auto's and subclasses' too: they call this __init__).
+    Returns the original __init__ to restore, or None without tqdm."""
+    try:
+        import tqdm.std
+    except ImportError:
+        return None
+    orig = tqdm.std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):  # noqa: ANN001
+        kwargs["disable"] = True
+        orig(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = quiet_init
+    return orig
+
+
 def _transformers_bars(enabled: bool) -> bool | None:
     """Turn transformers' progress bars on/off if transformers is imported; returns the previous state."""
     hf = sys.modules.get("transformers")
@@ -103,24 +125,31 @@ def _transformers_bars(enabled: bool) -> bool | None:
     return before
 
 
-_LOGURU_DEFAULT_REMOVED = []
+_LLMC_ENV = ("LLM_COMPRESSOR_LOG_LEVEL", "LLM_COMPRESSOR_LOG_FILE", "LLM_COMPRESSOR_LOG_FILE_LEVEL")
+_saved_env: list[dict] = []
 
 
 def _loguru_to(path: Path) -> int | None:
-    """Send loguru (llm-compressor's logger) to `path` instead of stderr, when loguru is installed."""
-    try:
-        from loguru import logger
-    except ImportError:
+    """llm-compressor logs through loguru to stdout. Before it is imported, its own environment switches send it
+    to `path` only (it reads them when it configures itself, on import); once imported, its sinks are replaced by
+    one writing to `path`."""
+    _saved_env.append({k: os.environ.get(k) for k in _LLMC_ENV})
+    os.environ.update({"LLM_COMPRESSOR_LOG_LEVEL": "", "LLM_COMPRESSOR_LOG_FILE": str(path),
+                       "LLM_COMPRESSOR_LOG_FILE_LEVEL": "INFO"})
+    if "loguru" not in sys.modules:
         return None
-    try:
-        logger.remove(0)  # loguru's default stderr sink
-        _LOGURU_DEFAULT_REMOVED.append(True)
-    except ValueError:
-        pass
-    return logger.add(str(path), level="INFO", enqueue=False, catch=True, delay=True)
+    from loguru import logger
+
+    logger.remove()
+    return logger.add(str(path), level="INFO", catch=True, delay=True)
 
 
 def _loguru_restore(sink_id: int | None) -> None:
+    for k, v in (_saved_env.pop() if _saved_env else {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     if sink_id is None:
         return
     from loguru import logger
@@ -129,6 +158,4 @@ def _loguru_restore(sink_id: int | None) -> None:
         logger.remove(sink_id)
     except ValueError:
         pass
-    if _LOGURU_DEFAULT_REMOVED:
-        _LOGURU_DEFAULT_REMOVED.clear()
-        logger.add(sys.stderr, level="INFO")
+    logger.add(sys.stderr, level="INFO")

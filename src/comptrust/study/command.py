@@ -102,8 +102,13 @@ def study_command(
         return
     from comptrust.study.runner import run_study
 
-    analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address, workers=workers,
-                         models_dir=models_dir)
+    from comptrust.logs import third_party_to_log
+
+    # llm-compressor's per-layer bars and log lines, transformers' and torch's warnings: into DIR/comptrust.log
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with third_party_to_log(Path(out) / "comptrust.log"):
+        analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address,
+                             workers=workers, models_dir=models_dir)
     _print_summary(out, analysis)
 
 
