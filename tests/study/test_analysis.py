@@ -174,5 +174,6 @@ def test_report_renders_in_headless_chromium(tmp_path):
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # charts drawn, not a blank page
     html = (tmp_path / "s" / "report.html").read_text()
-    assert html.count("<svg") >= 4  # radar, heatmap, two curves: inline, nothing fetched
+    assert html.count("<svg") >= 3  # heatmap, two curves (no radar of two perspectives): inline, nothing fetched
+    assert "A radar needs at least three perspectives" in html
     assert "<script" not in html and "<link" not in html and 'src="' not in html

@@ -40,7 +40,7 @@ def _ordered(perspectives: list[str]) -> list[str]:
 
 def write_report(out_dir: Path) -> dict[str, Any]:
     from comptrust.study.analysis import analyze
-    from comptrust.study.runner import Plan, eval_options, load_study
+    from comptrust.study.plan import Plan, eval_options, load_study
 
     out_dir = Path(out_dir)
     spec = load_study(out_dir)
@@ -185,7 +185,8 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
     def val(name: str, p: str, key: str = "mean") -> Any:
         return variants[name]["perspectives"][p].get(key)
 
-    radar = charts.radar(persp, {n: [val(n, p) for p in persp] for n in names}, dense)
+    # a radar of one or two axes is a line, not a profile
+    radar = charts.radar(persp, {n: [val(n, p) for p in persp] for n in names}, dense) if len(persp) >= 3 else ""
     comp = [n for n in names if n != dense]
     heat = ""
     if comp:
