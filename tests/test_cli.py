@@ -231,6 +231,8 @@ def test_progress_lines_when_not_a_terminal():
     assert bar.done == 10
     bar.stop()
     lines = s.getvalue().splitlines()
+    assert lines[0] == "[comptrust] 10 prompts to answer; loading the model weights (first batch), then generating"
+    lines = lines[1:]
     assert lines[0].startswith("[comptrust] generating (stereotype): 0/10 prompts (0%), rate ?")
     # inside the batch: 2 cached + 4 prompts at 10 of 10 steps after 10 s -> 0.40 prompts/s, 4 left -> ETA 0:10
     assert any("6/10 prompts (60%), 0.40 prompts/s" in x and "ETA 0:10" in x for x in lines), lines

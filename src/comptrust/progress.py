@@ -79,6 +79,8 @@ class GenerationProgress:
             return
         self.total, self.label = total, label
         self.t0 = time.time()
+        # the weights load on the engine's first batch (seconds to minutes): say so before the bar sits at 0
+        stage(f"{total} prompts to answer; loading the model weights (first batch), then generating", self.stream)
         if self.mode == "lines":
             self._line(force=True)
             return
