@@ -162,6 +162,7 @@ def test_version_and_perspectives_listing():
     (("--gen-kwargs", "until=x"), "unknown key 'until'"),
     (("--gen_kwargs", "temperature=-1"), "temperature=-1: expected a number >= 0"),
     (("-p", "MMLUU"), "unknown perspective 'MMLUU' (did you mean 'mmlu'?)"),
+    (("--model", "hf"), "--model hf is an lm-evaluation-harness model type; comptrust's --model is the model itself"),
 ])
 def test_lm_eval_flags_answered_in_one_line(tmp_path, args, needle):
     p = run("evaluate", "--tasks", "stereotype", "--output_path", str(tmp_path / "o"), *args)

@@ -173,6 +173,10 @@ def evaluate(
     )
     if config is not None:
         model, perspectives, settings = _with_config_file(ctx, config, model, perspectives, settings)
+    if model in LM_EVAL_MODEL_TYPES and not Path(model).exists():
+        raise UsageError(f"--model {model} is an lm-evaluation-harness model type; comptrust's --model is the model "
+                         f"itself (a .gguf, a folder, a Hub id or openai:URL#NAME) and --backend hf|vllm|llamacpp "
+                         "picks the engine (lm-eval's --model_args pretrained=X is --model X)")
     from comptrust.progress import stage
 
     stage(f"resolving model {model or '(embedded SmolLM2-135M-Instruct)'}; output in {out}")
@@ -187,6 +191,10 @@ def evaluate(
 
 
 LOG_NAME = "comptrust.log"  # transformers' / llm-compressor's bars and warnings, out of the terminal
+
+# lm-eval's --model values (model types, not models): answered instead of looked up as a Hub id
+LM_EVAL_MODEL_TYPES = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "gguf", "ggml", "openai-completions",
+                       "openai-chat-completions", "local-completions", "local-chat-completions", "hf-multimodal")
 
 # lm-evaluation-harness flags with no comptrust twin: what to use instead (those with a twin are aliases above)
 LM_EVAL_ANSWERS = {
