@@ -202,7 +202,7 @@ def test_perplexity_blowup_flags_the_variant_degenerate(tmp_path):
     ("compare_to", "llama-2-13b-chatt", "compare_to: unknown published model 'llama-2-13b-chatt' (did you mean "
                                         "'llama-2-13b-chat'?); known: llama-2-13b-chat, llama-2-13b, vicuna-13b-v1.3"),
     ("adaptive", "{lookz: 3}", "unknown key 'lookz' in adaptive (did you mean 'looks'?); valid: looks, start_limit, "
-                               "max_limit, max_generations"),
+                               "max_limit, max_generations, max_seconds"),
     ("adaptive", "{looks: 0}", "adaptive: looks: expected an integer >= 1, got 0"),
 ])
 def test_new_study_keys_are_validated(key, value, message):
@@ -370,6 +370,12 @@ def test_adaptive_study_decides_in_rounds_with_the_same_items(tmp_path, monkeypa
     assert json.loads((tmp_path / "s" / "adaptive.json").read_text())["generated"] == doc["generated"]
     md = (tmp_path / "s" / "adaptive.md").read_text()
     assert "| rtn-w4 | stereotype | keeps | 4 | 48 |" in md and "| magnitude-2of4 | stereotype | loses | 2 | 12 |" in md
+    # a generation budget: no round starts once it is spent; pairs left open stay undecided (never kept)
+    tight = adaptive.run_adaptive(spec, tmp_path / "b", adaptive.Settings(looks=4, start_limit=2, max_generations=10),
+                                  progress=False)
+    assert tight["stopped_for_budget"] and tight["generated"] == 18 and len(tight["looks"]) == 1
+    assert tight["final"]["rtn-w4:stereotype"]["verdict"]["verdict"] == UNDECIDED
+    assert tight["recommendation"]["variant"] is None and "rtn-w4" in tight["recommendation"]["undecided"]
     # rerunning resumes: nothing is generated again
     again = adaptive.run_adaptive(spec, tmp_path / "s", adaptive.Settings(looks=4, start_limit=2), progress=False)
     assert again["final"] == doc["final"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +46,7 @@ class Settings:
     start_limit: int | None = None  # default: the study's limit, else 2
     max_limit: int | None = None  # default: the whole pool
     max_generations: int | None = None  # stop starting rounds once this many new generations were made
+    max_seconds: int | None = None  # ... or once the adaptive run has taken this long
 
     @classmethod
     def of(cls, value: Any) -> "Settings":
@@ -68,7 +70,7 @@ def schedule(start: int, pool: int, looks: int) -> list[int]:
 def _pool_and_counts(spec: StudySpec, pname: str, limits: Sequence[int] | None = None) -> tuple[int, list[int]]:
     """(largest sub-scenario size, items at each limit) of one perspective on the study's data."""
     from comptrust import perspectives as registry
-    from comptrust.study.runner import eval_options
+    from comptrust.study.plan import eval_options
 
     p = registry.get(pname)
     full = p.load(options_for(p, eval_options(replace(spec, limit=None))))
@@ -108,13 +110,15 @@ def run_adaptive(spec: StudySpec, out_dir: Path, settings: Settings, progress: b
     carried_generations: list[tuple] = []
     carried_compress: dict[str, dict[str, Any]] = {}
     stopped_for_budget = False
+    t_start = time.time()
     for k in range(max_k):
         for pname in spec.perspectives:
             pl = plans[pname]
             names = [n for n, p in sorted(open_pairs) if p == pname]
             if k >= len(pl["limits"]) or not names:
                 continue
-            if settings.max_generations is not None and spent >= settings.max_generations:
+            if (settings.max_generations is not None and spent >= settings.max_generations) or \
+                    (settings.max_seconds is not None and time.time() - t_start >= settings.max_seconds):
                 stopped_for_budget = True
                 break
             keep = {DENSE, *names}
@@ -170,7 +174,7 @@ def _analyze_look(sub: StudySpec, rdir: Path, plan: dict[str, Any], k: int) -> d
     """The round's analysis with look k's group-sequential boundary in place of the fixed z."""
     from comptrust.store import Store
     from comptrust.study.analysis import analyze
-    from comptrust.study.runner import eval_options
+    from comptrust.study.plan import eval_options
 
     with Store(rdir / STORE_NAME) as st:
         stored = st.units()

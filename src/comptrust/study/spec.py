@@ -49,8 +49,8 @@ TOP_KEYS = {
                      "(default 2)",
     "compare_to": "a model of the paper's published scores to print beside yours (default: the study's model when "
                   "it is one of them)",
-    "adaptive": "true, or {looks, start_limit, max_limit, max_generations}: evaluate in rounds of further items only "
-                "for undecided pairs (group-sequential; as --adaptive)",
+    "adaptive": "true, or {looks, start_limit, max_limit, max_generations, max_seconds}: evaluate in rounds of further "
+                "items only for undecided pairs (group-sequential; as --adaptive)",
 }
 # the other evaluation settings come from EvalConfig, with its descriptions: n, dt_quirks, original_scoring, raw and
 # the per-perspective arguments (a key added to EvalConfig becomes a study key with no edit here)
@@ -449,7 +449,8 @@ def parse_spec(data: Any, source: str = "<default>", text: str | None = None) ->
     return spec
 
 
-ADAPTIVE_KEYS = {"looks": 1, "start_limit": 1, "max_limit": 1, "max_generations": 1}  # each an integer >= this
+# each an integer >= this; max_generations / max_seconds: no further round starts once that many were spent
+ADAPTIVE_KEYS = {"looks": 1, "start_limit": 1, "max_limit": 1, "max_generations": 1, "max_seconds": 1}
 
 
 def _adaptive(val: Any, fail: Any) -> dict[str, int] | None:
