@@ -421,7 +421,8 @@ def _register_plugins() -> None:
     """Commands that live next to their feature (compress, study, ...) register themselves here."""
     import importlib
 
-    for mod in ("comptrust.compress.command", "comptrust.study.command", "comptrust.toxicity_command"):
+    for mod in ("comptrust.compress.command", "comptrust.study.command", "comptrust.toxicity_command",
+                "comptrust.cache_command"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

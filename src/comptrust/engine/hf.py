@@ -552,7 +552,7 @@ class HFEngine:
         else:
             kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype), "attn_implementation": impl}
             try:
-                from comptrust.compress.evalcopy import evaluation_dir  # quantized checkpoints -> dense copy
+                from comptrust.models.evalcopy import evaluation_dir  # quantized checkpoints -> dense copy
 
                 path = evaluation_dir(path, self.resolved.fingerprint)
             except ImportError:

@@ -97,7 +97,7 @@ def _init_ray(address: str | None, workers: int | None) -> Any:
         import ray
     except ImportError:
         raise UsageError("--executor ray needs Ray: pip install 'comptrust[ray]'") from None
-    passed = ("OMP_WAIT_POLICY", "TQDM_DISABLE", "COMPTRUST_HOME", "HF_HUB_OFFLINE", "HF_HOME")
+    passed = ("OMP_WAIT_POLICY", "TQDM_DISABLE", "COMPTRUST_HOME", "COMPTRUST_STUDY_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
     env = {"env_vars": {k: os.environ[k] for k in passed if k in os.environ}}
     if address:
         try:

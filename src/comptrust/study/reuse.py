@@ -1,0 +1,185 @@
+"""What studies share through $COMPTRUST_HOME: compressed checkpoints and generations, keyed by fingerprints.
+
+A study's own folder (its comptrust.sqlite, models/) already makes a rerun of the *same* study resume. These caches
+make a *new* study (a fresh --out) skip what an earlier one on this machine computed:
+
+  $COMPTRUST_HOME/study-cache/checkpoints/<key>/   a compressed checkpoint; key = sha256 of the source model's
+                                                   fingerprint (its content hash), the compression config (method,
+                                                   settings, calibration seed) and the versions that make it
+  $COMPTRUST_HOME/study-cache/generations.sqlite   generations, in the store's own layout: keyed by (model
+                                                   fingerprint, rendered prompt, decoding parameters, seed), as in a
+                                                   study's store, so a hit is the output the same model gave
+
+Checkpoints are copied in as hard links where the file system allows (no extra disk; clearing the cache never
+breaks a study that used one), else as copies. Off with COMPTRUST_STUDY_CACHE=off; emptied with
+`comptrust cache clear`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from comptrust.errors import ComptrustError
+from comptrust.paths import home
+
+ENV = "COMPTRUST_STUDY_CACHE"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+def cache_root() -> Path:
+    return home() / "study-cache"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("comptrust", "llmcompressor", "compressed-tensors", "torch", "transformers"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+def checkpoint_key(model: str | None, config: dict[str, Any]) -> str:
+    """The cache key of the checkpoint that compressing `model` with `config` (CompressConfig.model_dump()) makes.
+
+    The model enters by content (its resolved fingerprint), not by name: a local folder whose weights changed is
+    another model.
+    """
+    from comptrust.models import resolve
+
+    body = {"model": resolve(model).fingerprint, "config": config, "versions": _versions()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def safe_checkpoint_key(model: str | None, config: dict[str, Any]) -> str:
+    """checkpoint_key, or "" (no reuse) when the cache is off or the model cannot be resolved here: then the
+    compression itself reports the model's problem, not the cache."""
+    if not enabled():
+        return ""
+    try:
+        return checkpoint_key(model, config)
+    except Exception:  # noqa: BLE001 -- a cache must never be why a unit fails
+        return ""
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy folder src to dst (which must not exist) file by file as hard links, falling back to copies."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Link src's files into dst through a temporary sibling renamed at the end: a half-made dst never exists."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        tmp.rmdir()
+        _link_tree(src, tmp)
+        if dst.exists():  # another process placed it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.replace(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_checkpoint(key: str, dst: Path, record_name: str) -> dict[str, Any] | None:
+    """Place the cached checkpoint `key` at dst and return its record, or None when there is none."""
+    src = cache_root() / "checkpoints" / key
+    if not enabled() or not (src / record_name).is_file() or dst.exists():
+        return None
+    try:
+        record = json.loads((src / record_name).read_text())
+        _place(src, dst)
+    except (OSError, ValueError):
+        return None  # a damaged cache entry only costs the compression it would have saved
+    return record
+
+
+def save_checkpoint(key: str, src: Path, record_name: str) -> None:
+    """Keep a finished checkpoint for later studies (best effort: a full disk must not fail the study)."""
+    dst = cache_root() / "checkpoints" / key
+    if not enabled() or not (src / record_name).is_file() or dst.exists():
+        return
+    with contextlib.suppress(OSError):
+        _place(src, dst)
+
+
+def _shared_store():
+    from comptrust.store import Store
+
+    return Store(cache_root() / "generations.sqlite")
+
+
+def _warn(what: str, e: BaseException) -> None:
+    print(f"warning: study cache: could not {what} ({type(e).__name__}: {e}); the study goes on without it",
+          file=sys.stderr, flush=True)
+
+
+def import_generations(store: Any, model_fp: str) -> int:
+    """Copy the shared cache's generations of model_fp into the study's store; returns how many."""
+    if not enabled() or not (cache_root() / "generations.sqlite").is_file():
+        return 0
+    try:
+        with _shared_store() as shared:
+            rows = shared.generation_rows(model=model_fp)
+        if rows:
+            store.put_generation_rows(rows)
+    except (OSError, sqlite3.Error, ComptrustError) as e:  # a damaged or busy cache costs only the reuse
+        _warn("read earlier generations", e)
+        return 0
+    return len(rows)
+
+
+def export_generations(store: Any, model_fp: str) -> int:
+    """Copy the study store's generations of model_fp into the shared cache; returns how many."""
+    if not enabled():
+        return 0
+    try:
+        rows = store.generation_rows(model=model_fp)
+        if rows:
+            with _shared_store() as shared:
+                shared.put_generation_rows(rows)
+    except (OSError, sqlite3.Error, ComptrustError) as e:  # the study's own store already holds them
+        _warn("keep the generations for later studies", e)
+        return 0
+    return len(rows)
+
+
+def describe() -> dict[str, Any]:
+    """What the caches hold: {"root", "checkpoints", "generations", "bytes"}."""
+    root = cache_root()
+    ckpts = [p for p in (root / "checkpoints").glob("*") if p.is_dir() and not p.name.startswith(".")]
+    n_gen = 0
+    if (root / "generations.sqlite").is_file():
+        with _shared_store() as shared:
+            n_gen = shared.count_generations()
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    return {"root": str(root), "checkpoints": len(ckpts), "generations": n_gen, "bytes": size}
+
+
+def clear() -> dict[str, Any]:
+    """Remove both caches; returns what they held. Studies that used a checkpoint keep their own links to it."""
+    before = describe()
+    shutil.rmtree(cache_root(), ignore_errors=True)
+    return before
