@@ -105,7 +105,7 @@ def _generate(model_dir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     from comptrust.compress.checks import sample_generation
-    from comptrust.compress.evalcopy import load_model
+    from comptrust.models.evalcopy import load_model
 
     model = load_model(model_dir)
     model.eval()
@@ -143,7 +143,7 @@ def table(args: argparse.Namespace) -> None:
         print(rows[-1], flush=True)
     if args.base:
         from comptrust.compress.checks import perplexity
-        from comptrust.compress.evalcopy import load_model
+        from comptrust.models.evalcopy import load_model
         from comptrust.models.resolve import resolve
         from transformers import AutoTokenizer
 

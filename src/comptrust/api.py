@@ -67,9 +67,8 @@ def evaluate(
         UsageError: bad input (unknown setting, missing data folder, unknown model); nothing is generated.
     """
     from comptrust.engine.select import open_engine
-    from comptrust.evaluate import check_out_dir, discard_if_unused
+    from comptrust.evaluate import check_out_dir, discard_if_unused, prepare
     from comptrust.evaluate import evaluate as run_eval
-    from comptrust.evaluate import prepare
 
     if out is None:
         raise UsageError("out: the results folder is required (e.g. out='runs/smol')")
@@ -204,8 +203,8 @@ def load_study(out: str | Path) -> StudyResult:
     """
     from comptrust.evaluate import STORE_NAME
     from comptrust.store import Store
-    from comptrust.study.runner import Plan
-    from comptrust.study.runner import load_study as load_spec_of
+    from comptrust.study.plan import Plan
+    from comptrust.study.plan import load_study as load_spec_of
 
     out = Path(out)
     spec = load_spec_of(out)  # a clear error when `out` is not a study folder

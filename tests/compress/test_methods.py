@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from comptrust.compress import CompressionConfig, compress
 from comptrust.compress.calibration import load_calibration
 from comptrust.compress.checks import decoder_linears
-from comptrust.compress.evalcopy import evaluation_dir, is_quantized_checkpoint, load_model
+from comptrust.models.evalcopy import evaluation_dir, is_quantized_checkpoint, load_model
 from comptrust.compress.quantize import awq_cpu_workaround
 from tests.compress import build_tiny
 

@@ -17,7 +17,7 @@ def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy wrapper, see 
 
 
 def evaluation_dir(*args, **kwargs):  # noqa: ANN002, ANN003
-    from comptrust.compress.evalcopy import evaluation_dir as _evaluation_dir
+    from comptrust.models.evalcopy import evaluation_dir as _evaluation_dir
 
     return _evaluation_dir(*args, **kwargs)
 

@@ -37,10 +37,6 @@ from comptrust.errors import ComptrustError, RuntimeFailure, UsageError, check_i
 
 RECORD_NAME = "comptrust.json"
 RECORD_FORMAT = "comptrust-compressed/1"
-# allowed shortfall of measured sparsity below the target (rounding per row / per block in the libraries);
-# a pruning step that did not happen (measured ~0) is far outside it
-_LAYER_SLACK = 0.01
-_TOTAL_SLACK = 0.005
 
 
 def is_comptrust_checkpoint(d: Path) -> bool:
@@ -77,32 +73,6 @@ def _versions() -> dict[str, str]:
 
 def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def _verify(cfg: CompressionConfig, measured: dict[str, Any]) -> None:
-    """Refuse a model that is not what it claims to be."""
-    if cfg.is_quantization:
-        lv = measured["levels"]
-        if lv["max"] > 2 ** (cfg.bits or 8):
-            raise RuntimeFailure(
-                f"{cfg.method}: up to {lv['max']} distinct values per group, more than 2^{cfg.bits}; "
-                "the checkpoint is not quantized as requested"
-            )
-        return
-    sp = measured["sparsity"]
-    target = cfg.sparsity or 0.0
-    if sp["min_layer"] < target - _LAYER_SLACK or sp["total"] < target - _TOTAL_SLACK:
-        worst = min(sp["per_layer"], key=sp["per_layer"].get)
-        raise RuntimeFailure(
-            f"{cfg.method}: measured sparsity {sp['per_layer'][worst]:.4f} in {worst} is below the requested "
-            f"{target:g} (total {sp['total']:.4f}); the pruning did not take effect"
-        )
-    nm = measured.get("nm")
-    if nm is not None and not nm["valid"]:
-        raise RuntimeFailure(
-            f"{cfg.method}: {nm['violations']} groups violate {nm['structure']} "
-            f"(e.g. in {', '.join(nm['layers_with_violations'][:2])})"
-        )
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -219,8 +189,10 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from comptrust.compress.evalcopy import is_quantized_checkpoint, load_model
+    from comptrust.compress.methods import method
+    from comptrust.models.evalcopy import is_quantized_checkpoint, load_model
 
+    m = method(cfg.method)  # what to run, how to save, what to check: compress/methods.py
     if is_quantized_checkpoint(source.path):
         raise UsageError(f"--model {source.spec or source.name} is already quantized; compress its dense original")
     say(f"loading {source.name}")
@@ -232,14 +204,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     say(f"perplexity before: {ppl_before['ppl']:.2f}; running {cfg.method}")
 
     t0 = time.time()
-    if cfg.is_quantization:
-        from comptrust.compress.quantize import quantize
-
-        info = quantize(model, tokenizer, cfg, calib)
-    else:
-        from comptrust.compress.prune import prune
-
-        info = prune(model, tokenizer, cfg, calib)
+    info = m.apply(model, tokenizer, cfg, calib)
     compress_s = time.time() - t0
     checks.assert_finite(model)
 
@@ -247,15 +212,12 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     with warnings.catch_warnings():
         # llm-compressor marks modules as offloaded to the CPU, which they already are
         warnings.filterwarnings("ignore", message=".*offloaded modules.*", category=UserWarning)
-        if cfg.is_quantization:
-            model.save_pretrained(str(tmp), save_compressed=True)
-        else:
-            model.save_pretrained(str(tmp))
+        m.save(model, tmp)
     tokenizer.save_pretrained(str(tmp))
     # llm-compressor writes recipe.yaml from its *global* session, which is empty because we ran oneshot in a
     # fresh one (it would say "default_stage: {}"); write the recipe that actually ran
     recipe = info.get("recipe", "")
-    if cfg.method == "magnitude":
+    if not m.keeps_recipe:
         (tmp / "recipe.yaml").unlink(missing_ok=True)
     elif isinstance(recipe, str) and recipe.strip():
         (tmp / "recipe.yaml").write_text(recipe)
@@ -272,10 +234,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     if dense_after != dense_before:
         changed = [k for k in dense_before if dense_after.get(k) != dense_before[k]]
         raise RuntimeFailure(f"{cfg.method} changed {' and '.join(changed)}, which must stay dense and untouched")
-    if cfg.is_quantization:
-        measured["levels"] = checks.levels(reloaded, info["group_size_by_layer"])
-    elif cfg.nm is not None:
-        measured["nm"] = checks.nm_pattern(reloaded, *cfg.nm)
+    measured.update(m.measure(reloaded, cfg, info))
     with torch.no_grad():
         ppl_after = checks.perplexity(reloaded, tokenizer)
     measured["perplexity"] = {
@@ -292,7 +251,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
         "prompt": "What is the capital of France?",
         "output": checks.sample_generation(reloaded, tokenizer),
     }
-    _verify(cfg, measured)
+    m.verify(cfg, measured)  # refuse a model that is not what it claims to be
     del reloaded
     gc.collect()
 
@@ -310,9 +269,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
         "seed": cfg.seed,
         "calibration": calib.describe() if calib is not None else None,
         "source_model": source.describe(),
-        "checkpoint_format": (
-            "compressed-tensors (pack-quantized)" if cfg.is_quantization else "dense safetensors"
-        ),
+        "checkpoint_format": m.checkpoint_format,
         "method_details": {k: v for k, v in info.items() if k not in ("group_size_by_layer",)},
         "group_size_by_layer": info.get("group_size_by_layer"),
         "compress_time_s": round(compress_s, 2),

@@ -13,12 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from comptrust.compress.methods import REGISTRY, Quantization, method
 from comptrust.errors import UsageError
 
-QUANT_METHODS = ("gptq", "awq", "rtn")
-PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
-METHODS = QUANT_METHODS + PRUNE_METHODS
-DATA_FREE = ("rtn", "magnitude")  # no calibration data
+# derived from the method registry (compress/methods.py); the Literal below lists the same names (a contract test
+# checks it), since pydantic needs them statically
+METHODS = tuple(REGISTRY)
+QUANT_METHODS = tuple(n for n, m in REGISTRY.items() if m.family == "quantization")
+PRUNE_METHODS = tuple(n for n, m in REGISTRY.items() if m.family == "pruning")
+DATA_FREE = tuple(n for n, m in REGISTRY.items() if not m.needs_calibration)  # no calibration data
 
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
@@ -131,11 +134,11 @@ class CompressionConfig(BaseModel):
     # -- derived -----------------------------------------------------------------------------------------------
     @property
     def is_quantization(self) -> bool:
-        return self.method in QUANT_METHODS
+        return method(self.method).family == "quantization"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method not in DATA_FREE
+        return method(self.method).needs_calibration
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -144,7 +147,8 @@ class CompressionConfig(BaseModel):
     @property
     def symmetric(self) -> bool:
         # AWQ is defined with asymmetric (zero-point) groups; GPTQ and RTN use llm-compressor's symmetric presets
-        return self.method != "awq"
+        m = method(self.method)
+        return m.symmetric if isinstance(m, Quantization) else True
 
     def label(self) -> str:
         if self.is_quantization:

@@ -13,15 +13,16 @@ All pruned weights are saved dense (compressed-tensors 0.19 no longer writes spa
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from comptrust.compress.calibration import CalibrationSet
 from comptrust.compress.checks import decoder_linears
-from comptrust.compress.config import CompressionConfig
-from comptrust.compress.quantize import _quiet_llmcompressor, run_oneshot
-from comptrust.errors import RuntimeFailure, UsageError
+from comptrust.errors import UsageError
+
+if TYPE_CHECKING:
+    from comptrust.compress.config import CompressionConfig
 
 
 def check_widths(model: torch.nn.Module, cfg: CompressionConfig) -> None:
@@ -53,8 +54,10 @@ def magnitude_prune_(w: torch.Tensor, sparsity: float, nm: tuple[int, int] | Non
         blocks.scatter_(2, idx, 0.0)
 
 
-def prune(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: CalibrationSet | None) -> dict[str, Any]:
-    """Prune `model` in place. Returns what to record."""
+def prune(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: CalibrationSet | None,
+          run: Callable[..., str]) -> dict[str, Any]:
+    """Prune `model` in place with `run`, the method's own step (compress/methods.py:
+    run(model, tokenizer, cfg, calib, info) -> recipe). Returns what to record."""
     check_widths(model, cfg)
     assert cfg.sparsity is not None and cfg.structure is not None
     nm = cfg.nm
@@ -70,24 +73,6 @@ def prune(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: Calibration
         "saved_as": "dense safetensors (zeros stored explicitly)",
     }
     t0 = time.time()
-    if cfg.method == "magnitude":
-        for mod in decoder_linears(model).values():
-            magnitude_prune_(mod.weight.data, cfg.sparsity, nm)
-        info["recipe"] = f"comptrust magnitude pruning: smallest |w| per {'M-block' if nm else 'row'}"
-    elif cfg.method in ("sparsegpt", "wanda"):
-        _quiet_llmcompressor()
-        from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-
-        cls = SparseGPTModifier if cfg.method == "sparsegpt" else WandaPruningModifier
-        mask = f"{nm[1] - nm[0]}:{nm[1]}" if nm else "0:0"
-        # Target the decoder Linears by name: with targets=["Linear"], llm-compressor 0.14 names the head
-        # "lm_head." when matching `ignore`, so ignore=["lm_head"] misses it and the head (and, when tied,
-        # the input embeddings) get pruned too.
-        targets = sorted(decoder_linears(model))
-        recipe = cls(sparsity=cfg.sparsity, mask_structure=mask, targets=targets, ignore=["re:.*lm_head"])
-        info["llmcompressor_mask_structure"] = mask
-        info["recipe"] = run_oneshot(model, tokenizer, recipe, calib)
-    else:  # pragma: no cover
-        raise RuntimeFailure(f"{cfg.method} is not a pruning method")
+    info["recipe"] = run(model, tokenizer, cfg, calib, info)
     info["library_time_s"] = round(time.time() - t0, 2)
     return info

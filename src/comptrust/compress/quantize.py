@@ -1,7 +1,8 @@
 """Weight quantization through llm-compressor: GPTQ, AWQ and round-to-nearest (RTN).
 
-All llm-compressor quantization imports live here (its import paths move between releases: AWQModifier went
-from ``modifiers.awq`` to ``modifiers.transform.awq``), and so does the one oneshot runner that prune.py reuses.
+The shared llm-compressor machinery lives here (the one oneshot runner, quantization groups, the AWQ CPU
+workaround); each method's own modifier call is in its class in compress/methods.py (import paths move between
+releases: AWQModifier went from ``modifiers.awq`` to ``modifiers.transform.awq``).
 
 What comptrust adds on top of the library:
   - group sizes per input width: a group must divide the layer's input width, and llm-compressor refuses
@@ -20,14 +21,15 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from comptrust.compress.calibration import CalibrationSet
 from comptrust.compress.checks import decoder_linears
-from comptrust.compress.config import CompressionConfig
-from comptrust.errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    from comptrust.compress.config import CompressionConfig
 
 
 def _quiet_llmcompressor() -> None:
@@ -118,12 +120,12 @@ def awq_cpu_workaround() -> Iterator[bool]:
         IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
 
 
-def quantize(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: CalibrationSet | None) -> dict[str, Any]:
-    """Quantize `model` in place. Returns what to record: recipe, group sizes per layer and per width, timing."""
+def quantize(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: CalibrationSet | None,
+             run: Callable[..., str]) -> dict[str, Any]:
+    """Quantize `model` in place with `run`, the method's llm-compressor call (compress/methods.py:
+    run(model, tokenizer, cfg, calib, groups, info) -> recipe). Returns what to record: recipe, group sizes per
+    layer and per width, timing."""
     _quiet_llmcompressor()
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
     assert cfg.bits is not None and cfg.group_size is not None
     sizes = group_sizes(model, cfg.group_size)
     groups = _config_groups(sizes, cfg.bits, cfg.symmetric, cfg.actorder)
@@ -141,20 +143,6 @@ def quantize(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: Calibrat
         "ignored": ["lm_head"],
     }
     t0 = time.time()
-    if cfg.method == "gptq":
-        recipe: Any = GPTQModifier(config_groups=groups, ignore=["lm_head"])
-        info["recipe"] = run_oneshot(model, tokenizer, recipe, calib)
-    elif cfg.method == "rtn":
-        recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
-        info["recipe"] = run_oneshot(model, tokenizer, recipe, None)
-    elif cfg.method == "awq":
-        from llmcompressor.modifiers.transform.awq import AWQModifier
-
-        recipe = [AWQModifier(n_grid=cfg.awq_grid), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-        with awq_cpu_workaround() as patched:
-            info["recipe"] = run_oneshot(model, tokenizer, recipe, calib)
-        info["awq"] = {"n_grid": cfg.awq_grid, "cpu_pin_memory_workaround": patched}
-    else:  # pragma: no cover - config validation keeps other methods out
-        raise RuntimeFailure(f"{cfg.method} is not a quantization method")
+    info["recipe"] = run(model, tokenizer, cfg, calib, groups, info)
     info["library_time_s"] = round(time.time() - t0, 2)
     return info

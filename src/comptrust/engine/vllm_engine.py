@@ -49,7 +49,7 @@ def vllm_available() -> bool:
 
 def is_compressed_checkpoint(path) -> bool:
     try:
-        from comptrust.compress.evalcopy import is_quantized_checkpoint
+        from comptrust.models.evalcopy import is_quantized_checkpoint
 
         return is_quantized_checkpoint(path)
     except Exception:

@@ -44,7 +44,7 @@ from scipy import optimize, stats
 from comptrust import perspectives as registry
 from comptrust.evaluate import options_for
 from comptrust.perspectives.base import EvalOptions, MissingData
-from comptrust.study.runner import Plan, compress_unit, eval_unit
+from comptrust.study.plan import Plan, compress_unit, eval_unit
 from comptrust.study.spec import DENSE, StudySpec
 from comptrust.types import Parsed, Record
 

@@ -137,7 +137,7 @@ def _print_status(out: Path) -> None:
 
     from comptrust.evaluate import STORE_NAME
     from comptrust.store import Store
-    from comptrust.study.runner import Plan, load_study
+    from comptrust.study.plan import Plan, load_study
 
     spec = load_study(out)
     if not (out / STORE_NAME).is_file():

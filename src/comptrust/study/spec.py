@@ -20,6 +20,7 @@ import yaml
 
 from comptrust import perspectives as registry
 from comptrust.compress.config import METHODS, CompressionConfig
+from comptrust.compress.methods import method
 from comptrust.config import ConfigError, EvalConfig
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import PROFILES
@@ -133,9 +134,7 @@ class Variant:
 
             return gguf.nominal_bits(self.settings, self.source)
         cfg = self.config(self.seeds[0])
-        if cfg.is_quantization:
-            return float(cfg.bits or 16)
-        return 16.0 * (1 - (cfg.sparsity or 0.0))
+        return method(cfg.method).nominal_bits(cfg)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "method": self.method, "seeds": list(self.seeds)}
@@ -548,12 +547,7 @@ def _gguf_variant(rv: dict[str, Any], i: int, fail: Any, model: str | None) -> V
 
 
 def _auto_name(cfg: CompressionConfig) -> str:
-    if cfg.is_quantization:
-        g = "" if cfg.group_size == 128 else ("-ch" if cfg.group_size == 0 else f"-g{cfg.group_size}")
-        return f"{cfg.method}-w{cfg.bits}{g}"
-    if cfg.nm:
-        return f"{cfg.method}-{cfg.nm[0]}of{cfg.nm[1]}"
-    return f"{cfg.method}-{round(100 * (cfg.sparsity or 0))}pct"
+    return method(cfg.method).auto_name(cfg)
 
 
 def load_spec(path: Path | None) -> StudySpec:
