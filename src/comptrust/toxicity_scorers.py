@@ -20,7 +20,6 @@ because numbers from different scorers are not comparable.
 
 from __future__ import annotations
 
-
 import json
 import math
 import os

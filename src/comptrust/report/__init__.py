@@ -15,9 +15,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from comptrust.errors import UsageError
 from comptrust.evaluate import STORE_NAME, write_atomic
 from comptrust.report import charts
-from comptrust.errors import UsageError
 from comptrust.store import Store
 
 # the paper's result sheet order: benign accuracy first, then the eight trust perspectives

@@ -33,7 +33,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from comptrust.evaluate import STORE_NAME, check_out_dir, options_for, write_atomic
-from comptrust.study.analysis import KEEPS, LOSES, UNDECIDED, gs_boundaries, recommend_noninferiority, se_floor, verdict_of
+from comptrust.study.analysis import (
+    KEEPS,
+    LOSES,
+    UNDECIDED,
+    gs_boundaries,
+    recommend_noninferiority,
+    se_floor,
+    verdict_of,
+)
 from comptrust.study.spec import DENSE, StudySpec
 
 DEFAULT_LOOKS = 4

@@ -100,9 +100,8 @@ def study_command(
         doc = run_adaptive(spec, out, Settings.of(spec.adaptive or True), progress=progress)
         _print_adaptive(out, doc)
         return
-    from comptrust.study.runner import run_study
-
     from comptrust.logs import third_party_to_log
+    from comptrust.study.runner import run_study
 
     # llm-compressor's per-layer bars and log lines, transformers' and torch's warnings: into DIR/comptrust.log
     Path(out).mkdir(parents=True, exist_ok=True)

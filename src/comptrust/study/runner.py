@@ -276,12 +276,21 @@ def compress_checkpoint(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> d
         from comptrust.compress import gguf
 
         return gguf.stored_record(ckpt, v.settings) or gguf.prepare(spec.model, v.settings, ckpt)
+    from comptrust.study import reuse
+
     cfg = v.config(seed)
     if is_comptrust_checkpoint(ckpt):  # made by a run killed before it could record the unit
         rec = json.loads((ckpt / RECORD_NAME).read_text())
         if rec.get("config") == cfg.model_dump():
             return rec
+    key = reuse.safe_checkpoint_key(spec.model, cfg.model_dump())
+    if key and (rec := reuse.restore_checkpoint(key, ckpt, RECORD_NAME)) is not None:
+        print(f"[compress] reused {ckpt.name} from {reuse.cache_root()} (same model, config and versions)",
+              file=sys.stderr, flush=True)
+        return rec
     compress(spec.model, cfg, ckpt, progress=lambda msg: print(f"[compress] {msg}", file=sys.stderr, flush=True))
+    if key:
+        reuse.save_checkpoint(key, ckpt, RECORD_NAME)
     return json.loads((ckpt / RECORD_NAME).read_text())
 
 
@@ -295,5 +304,13 @@ def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opt
         kw["device"] = None if device == "auto" else device
     if backend:  # gguf variants: llama.cpp
         kw["backend"] = backend
+    from comptrust.study import reuse
+
     with open_engine(model_ref, **kw) as (engine, info):
-        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=store)
+        fp = engine.fingerprint if reuse.enabled() else None
+        if fp:  # what an earlier study generated with this very model (same fingerprint) is not generated again
+            reuse.import_generations(store, fp)
+        result = evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=store)
+        if fp:
+            reuse.export_generations(store, fp)
+        return result
