@@ -562,7 +562,11 @@ def load_spec(path: Path | None) -> StudySpec:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the study file {path}: {e}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+        loader = _UniqueKeyLoader(text)  # a SafeLoader that also refuses duplicate keys
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except _DuplicateKey as e:
         raise UsageError(f"{path}:{e.line}: duplicate key {_short(e.key)} (first on line {e.first}); "
                          "a key may appear once in a mapping") from None
