@@ -15,6 +15,7 @@ demo:  ## install, then run the main job on the embedded model and the built-in 
 test:  ## install (with test extras), then run the test suite; prints the time each part took
 	@t0=$$(date +%s); COMPTRUST_EXTRAS=",test,ray" bash scripts/setup.sh || exit $$?; \
 	t1=$$(date +%s); echo "set-up: $$((t1 - t0)) s"; \
+	.venv/bin/ruff check src || exit $$?; .venv/bin/mypy || exit $$?; echo "lint (ruff) and types (mypy): clean"; \
 	.venv/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	t2=$$(date +%s); echo "test suite: $$((t2 - t1)) s (set-up + suite $$((t2 - t0)) s, load $$(cut -d' ' -f1-3 /proc/loadavg))"; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; rc=0; fi; exit $$rc
