@@ -373,7 +373,11 @@ def over_context_note(engine: Any, items: Sequence[Any]) -> str | None:
     if limit is None or not items:
         return None
     over, longest = 0, 0
+    render = getattr(engine, "render", None)
     for it in items:
+        room = limit - it.prompt.params.max_new_tokens - 8  # 8: special tokens the tokenizer may add
+        if callable(render) and len(render(it.prompt).encode("utf-8")) <= room:
+            continue  # fits for sure (a token is at least one byte): no tokenizing needed
         n = len(engine.encode(it.prompt))
         if n + it.prompt.params.max_new_tokens > limit:
             over += 1
