@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {redact(one_line(msg))}", file=sys.stderr)
 
     terminated: list[int] = []
+    INTERRUPTED.clear()  # a previous main() in this process (tests) must not stop this one
 
     def on_signal(signum, frame):  # noqa: ARG001 -- SIGTERM ends the run like Ctrl-C: committed work is kept
         if signum == signal.SIGTERM:
