@@ -129,19 +129,21 @@ def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
 
 
 def _provenance(spec: Any, stored: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from comptrust.study.plan import Plan
+
     models: dict[str, Any] = {}
+    instance_of = {unit.id: unit.instance for unit in Plan.of(spec).units}  # ids are never parsed back
     for uid, u in stored.items():
-        if u["status"] != "done":
+        inst = instance_of.get(uid)
+        if u["status"] != "done" or inst is None:  # None: a unit of a variant no longer in the study
             continue
         res = u["result"]
         if u["kind"] == "eval":
-            inst = uid.split(":")[1]
             m = models.setdefault(inst, {})
             m["fingerprint"] = res["score"].get("model_fingerprint")
             info = res.get("model") or {}
             m.update({k: info.get(k) for k in ("device", "dtype", "engine") if k in info})
         elif u["kind"] == "compress":
-            inst = uid.split(":", 1)[1]
             rec = res.get("record") or {}
             m = models.setdefault(inst, {})
             m["compression"] = {
