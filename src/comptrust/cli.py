@@ -298,13 +298,16 @@ def _print_scores(result) -> None:
     from rich.table import Table
 
     t = Table(title=f"comptrust scores ({result.out_dir})")
-    for col in ("perspective", "score", "refusal %", "items", "generations", "skipped parts"):
+    for col in ("perspective", "score", "95% CI", "refusal %", "items", "generations", "skipped parts"):
         t.add_column(col, justify="right" if col not in ("perspective", "skipped parts") else "left")
     for name, s in result.perspectives.items():
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-        t.add_row(name, fmt(s.score), fmt(s.refusal_rate), str(s.n_items), str(s.n_generations), str(len(s.skipped)))
+        ci = getattr(s, "ci95", None) or {}
+        shown = f"{ci['low']:.1f}-{ci['high']:.1f}" if ci.get("low") is not None else "-"
+        t.add_row(name, fmt(s.score), shown, fmt(s.refusal_rate), str(s.n_items), str(s.n_generations),
+                  str(len(s.skipped)))
     for name, why in result.not_run.items():
-        t.add_row(name, "not run", "", "", "", why)
+        t.add_row(name, "not run", "", "", "", "", why)
     c = Console(stderr=False)
     c.print(t)
     st = result.generation
