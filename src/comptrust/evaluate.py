@@ -312,6 +312,10 @@ def evaluate(
             bar.stop()
             if hasattr(engine, "on_step"):
                 engine.on_step = None
+        if bar.mode != "off":  # scoring (toxicity's scorer, the bootstrap CIs) takes seconds: say what runs
+            from comptrust.progress import stage
+
+            stage(f"scoring {len(loaded)} perspective(s), with {CI_RESAMPLES}-resample bootstrap CIs")
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
             try:
