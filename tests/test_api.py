@@ -32,6 +32,10 @@ def test_evaluate_and_compress_are_callable_and_still_modules():
     assert ev is sys.modules["comptrust.evaluate"] and hasattr(ev, "check_out_dir")
     assert callable(comptrust.evaluate) and callable(comptrust.compress)
     assert comptrust.compress is sys.modules["comptrust.compress"]
+    import inspect
+
+    assert {"model", "perspectives", "out", "config"} <= set(inspect.signature(comptrust.evaluate).parameters)
+    assert {"model", "method", "out"} <= set(inspect.signature(comptrust.compress).parameters)
     # calling runs the API function: its argument checks answer, before any model is touched
     with pytest.raises(UsageError, match="out: the results folder is required"):
         comptrust.evaluate(perspectives=["ethics"])

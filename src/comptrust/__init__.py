@@ -61,7 +61,16 @@ class _CallableModule(_types.ModuleType):
     """A module that can be called: ``comptrust.evaluate(...)`` runs ``comptrust.api.evaluate(...)``."""
 
     def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
-        return _target(_CALLABLE_MODULES[self.__name__.rsplit(".", 1)[1]])(*args, **kwargs)
+        return self._api()(*args, **kwargs)
+
+    def _api(self) -> _Any:
+        return _target(_CALLABLE_MODULES[self.__name__.rsplit(".", 1)[1]])
+
+    @property
+    def __signature__(self) -> _Any:  # what inspect.signature / a notebook's completion shows: the API's arguments
+        import inspect
+
+        return inspect.signature(self._api())
 
 
 class _Package(_types.ModuleType):
