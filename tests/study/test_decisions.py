@@ -379,3 +379,19 @@ def test_adaptive_study_decides_in_rounds_with_the_same_items(tmp_path, monkeypa
     # rerunning resumes: nothing is generated again
     again = adaptive.run_adaptive(spec, tmp_path / "s", adaptive.Settings(looks=4, start_limit=2), progress=False)
     assert again["final"] == doc["final"]
+
+
+def test_single_item_strata_are_pooled_and_small_strata_widen_the_se():
+    from comptrust.study.analysis import _strata, stratum_correction
+    from comptrust.types import GenParams, Item, Prompt
+
+    def recs(groups):
+        return [Record(Item(f"i{k}", g, Prompt(raw="x", params=GenParams(max_new_tokens=1))), [], [])
+                for k, g in enumerate(groups)]
+
+    # limit 1: every sub-scenario holds one item; resampled alone each would have no variance
+    assert [list(s) for s in _strata(recs(["a", "b", "c"]))] == [[0, 1, 2]]
+    assert sorted(list(s) for s in _strata(recs(["a", "a", "b", "c", "c", "c"]))) == [[0, 1, 2], [3, 4, 5]]
+    assert sorted(len(s) for s in _strata(recs(["a", "a", "a", "b"]))) == [4]  # a lone single joins the smallest
+    assert stratum_correction([3, 6]) == pytest.approx(math.sqrt(3 / 2))
+    assert stratum_correction([50, 80]) == pytest.approx(math.sqrt(50 / 49))

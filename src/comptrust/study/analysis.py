@@ -12,7 +12,8 @@ Statistics, and why:
   more than `budget` points, not when its point estimate happens to land within the budget: at the item counts
   people run (mini, lite, a few perspectives), a point estimate is decided by noise in both directions. Per
   (variant, perspective) and per calibration seed, the paired delta d = seed - dense (same items) has the standard
-  error se = the SD of its bootstrap distribution, floored at 100/n points (the SE one flipped item of n would
+  error se = the SD of its bootstrap distribution (times sqrt(m/(m-1)) for the smallest stratum of m items, which
+  the stratified bootstrap under-disperses; single-item strata are pooled), floored at 100/n points (the SE one flipped item of n would
   give; without the floor, a handful of items on which both models happen to agree would look certain). With
   z = Phi^-1(1 - alpha): *keeps* when d - z*se > -budget for every seed (the one-sided lower bound of the worst
   seed), *loses* when d + z*se < -budget for some seed, otherwise *undecided*, with the items that would decide
@@ -166,10 +167,28 @@ def _records(unit: dict[str, Any], by_id: dict[str, Any]) -> list[Record]:
 
 
 def _strata(records: Sequence[Record]) -> list[np.ndarray]:
+    """Resampling strata: one per sub-scenario, except that single-item sub-scenarios are pooled into one stratum
+    (collapsed strata: a stratum of one item resamples to itself and would contribute no variance at all, e.g.
+    every sub-scenario at limit 1); a lone single-item stratum joins the smallest other one."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(r.item.group, []).append(i)
-    return [np.asarray(v) for v in groups.values()]
+    big = [v for v in groups.values() if len(v) > 1]
+    small = [i for v in groups.values() if len(v) == 1 for i in v]
+    if len(small) > 1 or (small and not big):
+        big.append(small)
+    elif small:
+        min(big, key=len).extend(small)
+    return [np.asarray(sorted(v)) for v in big]
+
+
+def stratum_correction(sizes: Sequence[int]) -> float:
+    """Factor on a stratified bootstrap SD: a stratum of m items resampled m at a time has (m-1)/m of the sampling
+    variance, so the SD is inflated by sqrt(m/(m-1)) of the smallest stratum (conservative for the larger ones).
+    Without it, the mini suites' 3-item sub-scenarios gave a false-keep rate of 0.095 at alpha 0.05 in
+    bench/adaptive_sim.py."""
+    m = min((int(x) for x in sizes), default=0)
+    return math.sqrt(m / (m - 1)) if m > 1 else 1.0
 
 
 def _p_value(deltas: np.ndarray) -> float:
@@ -188,9 +207,10 @@ def _ci(values: Sequence[float]) -> list[float] | None:
 
 def _bootstrap(p: Any, popts: EvalOptions, loaded: Any, recs: dict[str, list[Record]], b: int,
                seed: int) -> tuple[dict[str, np.ndarray], int]:
-    """Scores of every instance on the same b stratified resamples of the items they share, and that count."""
+    """Scores of every instance on the same b stratified resamples of the items they share, that count, and the
+    SD correction for the strata's sizes (stratum_correction)."""
     if b <= 0 or not recs:
-        return {}, 0
+        return {}, 0, 1.0
     common = set.intersection(*({r.item.id for r in rs} for rs in recs.values()))
     first = next(iter(recs.values()))
     order = [r.item.id for r in first if r.item.id in common]
@@ -207,7 +227,7 @@ def _bootstrap(p: Any, popts: EvalOptions, loaded: Any, recs: dict[str, list[Rec
             except (ZeroDivisionError, ValueError, KeyError):
                 sc = None
             out[inst][k] = np.nan if sc is None else sc
-    return out, len(order)
+    return out, len(order), stratum_correction([len(s) for s in strata])
 
 
 def unparseable_rate(pname: str, compact: Sequence[dict[str, Any]]) -> float | None:
@@ -313,7 +333,7 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
             if status[eval_unit(inst, pname)]["status"] == "done"
         }
         boot: dict[str, np.ndarray] = {}
-        n_common = 0
+        n_common, correction = 0, 1.0
         recs: dict[str, list[Record]] = {}
         boot_note = None
         if done:
@@ -322,7 +342,7 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
                 by_id = {it.id: it for it in loaded.items}
                 recs = {inst: _records(u, by_id) for inst, u in done.items()}
                 if spec.bootstrap > 0:
-                    boot, n_common = _bootstrap(p, popts, loaded, recs, spec.bootstrap, spec.seed)
+                    boot, n_common, correction = _bootstrap(p, popts, loaded, recs, spec.bootstrap, spec.seed)
             except MissingData as e:
                 boot_note = f"no bootstrap: data no longer found ({e})"
         if pname == "toxicity":  # what the toxicity numbers stand for, next to them in the report
@@ -331,7 +351,8 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
             scorer_note = agreement_note(popts.extra["toxicity_scorer"].name)
             boot_note = f"{scorer_note}; {boot_note}" if boot_note else scorer_note
         unparse = {inst: unparseable_rate(pname, u["result"]["records"]) for inst, u in done.items()}
-        per_p[pname] = {"done": done, "boot": boot, "n_common": n_common, "note": boot_note, "recs": recs,
+        per_p[pname] = {"done": done, "boot": boot, "n_common": n_common, "correction": correction, "note": boot_note,
+                        "recs": recs,
                         "unparseable": unparse}
 
     variants: dict[str, Any] = {}
@@ -497,7 +518,7 @@ def _verdict(spec: StudySpec, pname: str, cell: dict[str, Any], d: dict[str, Any
             diffs = boot[inst] - boot[dense_key]
             diffs = diffs[~np.isnan(diffs)]
             if len(diffs) > 1:
-                se = max(float(np.std(diffs, ddof=1)), se_floor(n))
+                se = max(float(np.std(diffs, ddof=1)) * d.get("correction", 1.0), se_floor(n))
         if se is None:
             per_seed[inst] = {"delta": delta, "se": None, "lcb": None, "ucb": None, "verdict": UNDECIDED}
             continue
