@@ -45,7 +45,7 @@ def main() -> None:
 
     from comptrust.compress.calibration import load_calibration
     from comptrust.compress.config import CompressionConfig
-    from comptrust.compress.quantize import quantize
+    from comptrust.compress.methods import method
 
     t0 = time.time()
     _, model = tp.random_llama7b(args.tokenizer, args.device, tiny=args.tiny, arch=args.arch)
@@ -73,7 +73,7 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    info = quantize(model, tok, cfg, calib)
+    info = method("gptq").apply(model, tok, cfg, calib)  # what `comptrust compress --method gptq` runs
     if cuda:
         torch.cuda.synchronize()
     secs = time.time() - t0

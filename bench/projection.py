@@ -1,12 +1,16 @@
 """Project the wall time of a full-profile DecodingTrust run from a measured generation rate.
 
     python bench/projection.py --data-dir ../shared/data/decodingtrust --mmlu-dir ../shared/data/mmlu \
-        --tok-per-s 1331 --prefill-tok-per-s 60000
+        --tok-per-s 1331 --prefill-tok-per-s 60000 [--sampled-tok-per-s 9000] [--overhead 1.05]
 
 Counts every generation request that `comptrust evaluate --suite dt --profile full` would make (prompts x n
 samples, each perspective's max new tokens), then divides by the rates: new tokens (an upper bound: every output
 runs to its max) at the measured decode rate, prompt tokens (approximated as characters / 4) at the prefill rate.
-The rates come from bench/throughput.py (bench/results/throughput_*.md).
+The rates come from bench/throughput.py (bench/results/throughput_*.md) and bench/evaluate_gpu.py: there, the
+n = 25 perspectives (toxicity, stereotype) decode at their own, much higher rate (hundreds of rows per batch, the
+prompt's K/V read once per prompt): --sampled-tok-per-s applies to every perspective whose prompts ask for n > 1
+samples, --tok-per-s to the rest. --overhead multiplies the total by evaluate's end-to-end time over the engine's
+(tokenising, the store, scoring), as measured.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ def main() -> None:
     ap.add_argument("--mmlu-dir", type=Path, default=Path("../shared/data/mmlu"))
     ap.add_argument("--tok-per-s", type=float, required=True, help="measured decode rate, new tokens/s")
     ap.add_argument("--prefill-tok-per-s", type=float, default=50_000.0, help="prompt tokens/s")
+    ap.add_argument("--sampled-tok-per-s", type=float, help="decode rate for perspectives with n > 1 (default: --tok-per-s)")
+    ap.add_argument("--overhead", type=float, default=1.0, help="evaluate end to end / engine alone (measured)")
     args = ap.parse_args()
 
     from comptrust import perspectives as registry
@@ -30,7 +36,7 @@ def main() -> None:
 
     opts = EvalOptions(data_dir=args.data_dir.resolve(), profile="full", mmlu_dir=args.mmlu_dir.resolve())
     loaded, not_run = load_perspectives(list(registry.REGISTRY), opts)
-    rows, tot_new, tot_prompt = [], 0, 0
+    rows, tot_new, tot_prompt, sampled_new = [], 0, 0, 0
     for name, (p, ld, popts) in loaded.items():
         prompts = [it.prompt for it in ld.items]
         gens = sum(pr.params.n for pr in prompts)
@@ -39,15 +45,20 @@ def main() -> None:
         rows.append((name, len(ld.items), len(prompts), gens, new, chars // 4))
         tot_new += new
         tot_prompt += chars // 4
+        sampled_new += sum(pr.params.n * pr.params.max_new_tokens for pr in prompts if pr.params.n > 1)
     print("| perspective | items | prompts | generations | max new tokens | prompt tokens (approx) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
-    decode_s = tot_new / args.tok_per_s
+    sampled_rate = args.sampled_tok_per_s or args.tok_per_s
+    decode_s = (tot_new - sampled_new) / args.tok_per_s + sampled_new / sampled_rate
     prefill_s = tot_prompt / args.prefill_tok_per_s
-    print(f"\ntotal: {tot_new:,} new tokens (upper bound), {tot_prompt:,} prompt tokens; at {args.tok_per_s:,.0f} new "
-          f"tok/s and {args.prefill_tok_per_s:,.0f} prompt tok/s: decode {decode_s / 3600:.2f} h + prefill "
-          f"{prefill_s / 3600:.2f} h = {(decode_s + prefill_s) / 3600:.2f} h")
+    total_h = (decode_s + prefill_s) * args.overhead / 3600
+    print(f"\ntotal: {tot_new:,} new tokens (upper bound; {sampled_new:,} of them in n > 1 perspectives), "
+          f"{tot_prompt:,} prompt tokens; at {args.tok_per_s:,.0f} new tok/s (n = 1), {sampled_rate:,.0f} new tok/s "
+          f"(n > 1) and {args.prefill_tok_per_s:,.0f} prompt tok/s: decode {decode_s / 3600:.2f} h + prefill "
+          f"{prefill_s / 3600:.2f} h" + (f", x {args.overhead:.3f} evaluate overhead" if args.overhead != 1.0 else "")
+          + f" = {total_h:.2f} h")
     if not_run:
         print(f"not run (missing data): {not_run}")
 

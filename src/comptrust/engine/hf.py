@@ -46,7 +46,9 @@ ATTN_NAME = "comptrust_sdpa"  # SDPA whose one-token decode step reads grouped K
 
 CPU_TOKEN_BUDGET = 48_000
 CPU_MAX_ROWS = 128
-GPU_MAX_ROWS = 384
+# on a GPU the rows of a decode batch are sized by measured free memory (HFEngine._limits), not a constant:
+GPU_KV_SHARE = 0.5  # of the free memory for the batch's KV cache (compaction copies up to half of it again)
+GPU_ROW_SHARE = 0.2  # of the free memory for per-row decode buffers (logits, sampling, activations, graph pools)
 MIN_SHARED_PREFIX = 16  # tokens; shorter common prefixes are recomputed (a forward call costs more than they save)
 
 
@@ -219,9 +221,13 @@ def plan_batches(
     token_budget: int,
     max_rows: int | None = None,
     prefix_sharing: bool = True,
+    shared_decode: bool = False,
 ) -> list[list[int]]:
     """Indices of `seqs` in batches: each holds at most max_rows output rows (prompts x n) and token_budget
     tokens (rows x (longest prompt + max_new_tokens)), except that a prompt always fits alone.
+
+    shared_decode: the n rows of a prompt keep one copy of its K/V (the static loop's shared-prefix decoding),
+    so a batch costs prompts x longest prompt + rows x max_new_tokens tokens of cache instead.
 
     Prompts sharing a prefix are kept together (their prefix is then computed once per batch); clusters, and
     prompts inside them, go longest first: lengths inside a batch are close, and the biggest batch comes first,
@@ -245,7 +251,8 @@ def plan_batches(
     for i in order:
         w = max(width, len(seqs[i]))
         rows = (len(cur) + 1) * n
-        if cur and ((max_rows is not None and rows > max_rows) or rows * (w + max_new_tokens) > token_budget):
+        cost = (len(cur) + 1) * w + rows * max_new_tokens if shared_decode else rows * (w + max_new_tokens)
+        if cur and ((max_rows is not None and rows > max_rows) or cost > token_budget):
             batches.append(cur)
             cur, w = [], len(seqs[i])
         cur.append(i)
@@ -414,6 +421,9 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
+    shared = kwargs.pop(PREFIX_KWARG, None)
+    if shared is not None and q_len == 1:
+        return _shared_prefix_decode(module, query, key, value, attention_mask, scaling, shared, kwargs), None
     if q_len == 1 and _use_triton_decode(module, query, kwargs):
         from comptrust.engine import triton_attn
 
@@ -432,6 +442,36 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.reshape(b, hq, 1, d).transpose(1, 2), None
 
 
+PREFIX_KWARG = "comptrust_prefix"  # the static loop's SharedPrefix, passed through model(...) to the attention
+
+
+def _shared_prefix_decode(module, query, key, value, attention_mask, scaling, sp, kwargs):
+    """A decode step of shared-prefix decoding (engine/prefix_attn.py): key/value hold only the rows' own
+    generated slots, sp the prompts' K/V once per prompt; the Triton kernel on CUDA, the plain-torch version
+    elsewhere. Returns [B, 1, Hq, D]."""
+    import math
+
+    import torch
+
+    from comptrust.engine import prefix_attn
+
+    b, _, _, d = query.shape
+    layer = module.layer_idx
+    pk, pv = sp.keys[layer], sp.values[layer]
+    smask = _decode_mask_rows(attention_mask, b, key.shape[2])
+    if smask is None:
+        smask = torch.ones((b, key.shape[2]), dtype=torch.bool, device=query.device)
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(d)
+    if _use_triton_decode(module, query, kwargs):
+        from comptrust.engine import triton_attn
+
+        out = triton_attn.shared_prefix_decode_attention(
+            query, pk, pv, sp.mask, sp.blocks, sp.rows_per_block, key, value, smask, scale)
+    else:
+        out = prefix_attn.two_level_attention(query, pk, pv, sp, key, value, smask, scale)
+    return out.transpose(1, 2)
+
+
 def register_attention() -> None:
     global _ATTN_REGISTERED
     if _ATTN_REGISTERED:
@@ -447,8 +487,12 @@ def register_attention() -> None:
 class HFEngine:
     """Tokenizer loads at once (needed to render prompts for cache keys); the model loads on first use.
 
-    batch_size caps the output rows of a batch (None: 128 on the CPU, 384 on a GPU); token_budget caps
-    rows x (prompt + new tokens) (None: 48k on the CPU; on a GPU what half of the free memory holds in KV cache).
+    batch_size caps the output rows of a batch (None: 128 on the CPU; on a GPU as many as a fifth of the free
+    memory holds in per-row decode buffers); token_budget caps rows x (prompt + new tokens), or with shared-prefix
+    decoding prompts x prompt + rows x new tokens (None: 48k on the CPU; on a GPU what half of the free memory
+    holds in KV cache). shared_decode: the static loop keeps one copy of a prompt's K/V for its n sample rows and
+    reads it once per decode step for all of them (engine/prefix_attn.py); None = on wherever it applies (n > 1,
+    the static loop, comptrust's attention, no torch.compile), False = every row holds its own copy.
     loop: "auto" (static on CUDA for plain decoder models, else compact), "compact", "static" or "hf".
     preloaded: an already built model (benchmarks with random weights); its ResolvedModel still names the
     tokenizer directory and the fingerprint.
@@ -470,6 +514,7 @@ class HFEngine:
         preloaded: Any = None,
         ignore_eos: bool = False,
         compile: str | None = None,
+        shared_decode: bool | None = None,
     ):
         self.resolved = model
         self.device = pick_device(device)
@@ -490,6 +535,7 @@ class HFEngine:
         # items) or worse (SmolLM2-135M: 5.2 s vs 3.0 s): smaller prefill forwards, more copies. Default: CPU only.
         self.prefix_sharing = (not self.device.startswith("cuda")) if prefix_sharing is None else prefix_sharing
         self.cuda_graphs = cuda_graphs
+        self.shared_decode = shared_decode
         self.compile = compile or os.environ.get("COMPTRUST_COMPILE", "auto")
         if self.compile not in COMPILE_MODES:
             what = "compile setting" if compile else "COMPTRUST_COMPILE"
@@ -598,17 +644,32 @@ class HFEngine:
             return False
 
     def _limits(self, params: GenParams) -> tuple[int, int]:
-        """(token budget, max rows) for decode batches."""
+        """(token budget, max rows) for decode batches. On a GPU both come from the memory free now (weights
+        loaded): an H200 holding a 13B model has ~110 GB left, room for hundreds of rows, where a constant cap
+        sized for smaller cards (64 rows) would leave most of it idle."""
         if not self.on_cuda:
             return self.token_budget or CPU_TOKEN_BUDGET, self.batch_size or CPU_MAX_ROWS
-        rows = self.batch_size or GPU_MAX_ROWS
-        if self.token_budget:
-            return self.token_budget, rows
+        if self.token_budget and self.batch_size:
+            return self.token_budget, self.batch_size
         import torch
 
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = self._kv_bytes_per_token()
-        return max(4096, int(0.5 * free / max(per_token, 1))), rows
+        # memory PyTorch's allocator keeps cached from earlier batches is free for this one too: counting it keeps
+        # the batches of a run from shrinking after its first (measured: 13B unshared 109 instead of ~250 rows)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = self.token_budget or max(4096, int(GPU_KV_SHARE * free / max(self._kv_bytes_per_token(), 1)))
+        rows = self.batch_size or max(64, int(GPU_ROW_SHARE * free / self._row_bytes(params)))
+        return budget, rows
+
+    def _row_bytes(self, params: GenParams) -> int:
+        """Decode working memory per batch row besides its KV cache: the logits row in bf16 and float32 with the
+        sampler's temporaries (about four vocabulary-sized float32 rows), the step's activations (hidden states,
+        the MLP's intermediate), the output and bookkeeping buffers; doubled for the CUDA graph's private pool."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        vocab = cfg.vocab_size
+        hidden = cfg.hidden_size
+        inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+        return 2 * (vocab * (2 + 4 * 4) + hidden * 2 * 8 + inter * 2 * 3 + params.max_new_tokens * 8 * 2)
 
     def _kv_bytes_per_token(self) -> int:
         cfg = self.model.config.get_text_config(decoder=True)
@@ -635,7 +696,8 @@ class HFEngine:
         for params, idx in groups.items():
             budget, rows = self._limits(params)
             share = self.prefix_sharing and self._plain and self.loop != "hf"
-            plan = plan_batches([enc[i] for i in idx], params.n, params.max_new_tokens, budget, rows, share)
+            plan = plan_batches([enc[i] for i in idx], params.n, params.max_new_tokens, budget, rows, share,
+                                shared_decode=self._shared_decode_for(params))
             for b in plan:
                 batch = [idx[j] for j in b]
                 gens = self._generate_batch([enc[i] for i in batch], params)
@@ -644,6 +706,19 @@ class HFEngine:
                 if progress:
                     progress(len(batch), sum(sum(g.n_tokens) for g in gens))
         return out  # type: ignore[return-value]
+
+    def _shared_decode_for(self, params: GenParams) -> bool:
+        """Whether a batch with these parameters decodes with one K/V copy per prompt (prefix_attn.py): only
+        with n > 1 samples (else there is nothing to share), in the static loop of a plain decoder, through
+        comptrust's attention function (another implementation would ignore the shared prefix), and not under
+        torch.compile (the compiled step keeps the ordinary cache)."""
+        if self.shared_decode is False or params.n < 2:
+            return False
+        if self._loop_for() != "static" or not self._plain:
+            return False
+        if self.attn not in (None, ATTN_NAME):
+            return False
+        return self.compile != "on"
 
     def _generate_batch(self, seqs: list[list[int]], params: GenParams) -> list[Generation]:
         import torch
@@ -657,7 +732,8 @@ class HFEngine:
             with torch.no_grad():
                 t0 = time.perf_counter()
                 if self._plain:
-                    state = self._prefill(seqs, params, static=loop == "static")
+                    state = self._prefill(seqs, params, static=loop == "static",
+                                          shared=loop == "static" and self._shared_decode_for(params))
                 else:
                     state = self._prefill_simple(seqs, params)
                 self._sync()
@@ -709,8 +785,13 @@ class HFEngine:
             self.model.set_attn_implementation(impl)
 
     # -- prefill ---------------------------------------------------------------------------------------------
-    def _prefill(self, seqs: list[list[int]], params: GenParams, static: bool) -> dict:
-        """Shared-prefix prefill into a KV cache of len(seqs) * n rows, left-padded to the longest prompt."""
+    def _prefill(self, seqs: list[list[int]], params: GenParams, static: bool, shared: bool = False) -> dict:
+        """Shared-prefix prefill into a KV cache of len(seqs) * n rows, left-padded to the longest prompt.
+
+        shared (static loop, n > 1): the prompts' K/V go to a cache of len(seqs) rows only, kept as the batch's
+        SharedPrefix (prefix_attn.py); the static cache then holds just the rows' generated tokens."""
+        if shared:
+            return self._prefill_shared(seqs, params)
         import torch
         from transformers import DynamicCache, StaticCache
 
@@ -768,6 +849,58 @@ class HFEngine:
         if n > 1:
             logits = logits.repeat_interleave(n, 0)
         return {"cache": cache, "mask": mask, "last": last, "logits": logits, "width": width, "seqs": seqs}
+
+    def _prefill_shared(self, seqs: list[list[int]], params: GenParams) -> dict:
+        """Prefill for shared-prefix decoding: each prompt's K/V once ([prompts, heads, width, dim] per layer,
+        left-padded), a static cache of rows x max_new_tokens slots for what the rows generate, and the
+        SharedPrefix that tells decode attention which rows read which prompt."""
+        import torch
+        from transformers import StaticCache
+
+        from comptrust.engine.prefix_attn import make_shared_prefix
+
+        n = params.n
+        plen = shared_prefixes(seqs) if self.prefix_sharing else [0] * len(seqs)
+        self._set_attn(self.attn or "sdpa")
+        prefixes: dict[tuple, int] = {}
+        for s, p in zip(seqs, plen):
+            if p:
+                prefixes.setdefault(tuple(s[:p]), len(prefixes))
+        pieces: list = []
+        if prefixes:
+            pieces, _ = self._forward_rows([None] * len(prefixes), [list(k) for k in prefixes], keep=True)
+        prompts, rows = len(seqs), len(seqs) * n
+        width = max(len(s) for s in seqs)
+        cfg = self.model.config.get_text_config(decoder=True)
+        dest: list = [None] * cfg.num_hidden_layers
+
+        def dest_for(layer: int, like_k, like_v):
+            if dest[layer] is None:
+                h = like_k.shape[-3]
+                dest[layer] = (like_k.new_zeros((prompts, h, width, like_k.shape[-1])),
+                               like_v.new_zeros((prompts, h, width, like_v.shape[-1])))
+            return dest[layer]
+
+        ctx = [pieces[prefixes[tuple(s[:p])]] if p else None for s, p in zip(seqs, plen)]
+        targets = [(i, i + 1, width - len(s)) for i, s in enumerate(seqs)]
+        _, logits = self._forward_rows(ctx, [s[p:] for s, p in zip(seqs, plen)], dest_for=dest_for, targets=targets)
+        del pieces
+        pmask = torch.zeros((prompts, width), dtype=torch.uint8, device=self.device)
+        for i, s in enumerate(seqs):
+            pmask[i, width - len(s) :] = 1
+        total = -(-params.max_new_tokens // 16) * 16  # the rows' own slots, aligned as in _prefill
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        k0, v0 = dest[0]
+        for lay in cache.layers:
+            init_static_layer(lay, k0.new_zeros((rows, k0.shape[1], total, k0.shape[3])),
+                              v0.new_zeros((rows, v0.shape[1], total, v0.shape[3])))
+        q_per_kv = cfg.num_attention_heads // k0.shape[1]
+        sp = make_shared_prefix([d[0] for d in dest], [d[1] for d in dest], pmask,
+                                [i for i in range(prompts) for _ in range(n)], q_per_kv, self.device)
+        last = torch.tensor([len(s) - 1 for s in seqs for _ in range(n)], dtype=torch.long, device=self.device)
+        return {"cache": cache, "mask": torch.zeros((rows, 0), dtype=torch.long, device=self.device), "last": last,
+                "logits": logits.repeat_interleave(n, 0), "width": 0, "seqs": seqs, "shared": sp,
+                "prefix_lens": [len(s) for s in seqs]}
 
     def _forward_rows(self, ctx: list, toks: list[list[int]], keep: bool = False, dest_for=None, targets=None):
         """One prefill forward per sub-batch of rows: row r continues from ctx[r] (a KV piece: per layer
@@ -953,7 +1086,14 @@ class HFEngine:
             "rowmap": torch.arange(rows, device=dev),
             "cache": cache,
             "kv_seen": torch.zeros((), dtype=torch.long, device=dev),  # visible K/V slots summed over steps
+            "shared": st.get("shared"),  # shared-prefix decoding: the prompts' K/V, read once per group of rows
         }
+        if s["shared"] is not None:
+            # K/V slots a step reads besides the rows' own: each live prompt once (kv_prefix); and what the rows
+            # would read with a copy each (kv_prefix_rows), for the counters that compare the two
+            s["prefix_lens"] = torch.tensor(st["prefix_lens"], dtype=torch.long, device=dev)
+            s["kv_rows"] = torch.zeros((), dtype=torch.long, device=dev)
+            self._prefix_counts(s)
         s["mask"][:, 0, 0, :width] = mask2.bool()
         ar = torch.arange(total, device=dev)
         out_all = torch.full((rows, max_new), pad, dtype=torch.long, device=dev)
@@ -972,10 +1112,17 @@ class HFEngine:
             s["pos"].add_(1)
             col = s["cache"].layers[0].cumulative_length
             s["mask"].logical_or_((ar == col).view(1, 1, 1, total))
-            s["kv_seen"].add_(s["mask"].sum())
+            kw = {}
+            if s["shared"] is not None:
+                own = s["mask"].sum()
+                s["kv_seen"].add_(own + s["kv_prefix"])
+                s["kv_rows"].add_(own + s["kv_prefix_rows"])
+                kw[PREFIX_KWARG] = s["shared"]
+            else:
+                s["kv_seen"].add_(s["mask"].sum())
             lg = model(
                 input_ids=s["ids"], attention_mask=s["mask"], position_ids=s["pos"],
-                past_key_values=s["cache"], use_cache=True,
+                past_key_values=s["cache"], use_cache=True, **kw,
             ).logits[:, -1, :]
             nx = sample_next(lg, params, top_k, s["seed_lo"], s["seed_hi"], s["step"])
             nx = torch.where(s["finished"], pad_t, nx)
@@ -1023,7 +1170,23 @@ class HFEngine:
         if self.on_cuda:
             torch.cuda.synchronize(dev)
         self.counters["decode_kv_slots"] += int(s["kv_seen"])  # the slots a row can see, not the padded width
+        if s["shared"] is not None:  # with one copy per row the same steps would have read this many
+            self.counters["decode_kv_slots_unshared"] += int(s["kv_rows"])
+            self.counters["shared_decode_batches"] += 1
+        else:
+            self.counters["decode_kv_slots_unshared"] += int(s["kv_seen"])
         return out_all.cpu().tolist()
+
+    @staticmethod
+    def _prefix_counts(s: dict) -> None:
+        """Prefix slots one decode step reads: each prompt that still has a live row once (shared), and once per
+        row (what an unshared cache would read)."""
+        import torch
+
+        grp = s["shared"].group
+        lens = s["prefix_lens"]
+        s["kv_prefix_rows"] = lens[grp].sum()
+        s["kv_prefix"] = lens[torch.unique(grp)].sum()
 
     @staticmethod
     def _mark_dynamic(s: dict) -> None:
@@ -1078,6 +1241,11 @@ class HFEngine:
         s["cache"] = new
         for k in ("mask", "pos", "out", "finished", "ids", "rowmap"):
             s[k] = s[k][keep].contiguous()
+        if s.get("shared") is not None:
+            from comptrust.engine.prefix_attn import select_rows
+
+            s["shared"] = select_rows(s["shared"], keep)
+            self._prefix_counts(s)
         if s["seed_lo"] is not None:
             s["seed_lo"], s["seed_hi"] = s["seed_lo"][keep].contiguous(), s["seed_hi"][keep].contiguous()
 

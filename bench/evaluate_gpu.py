@@ -1,0 +1,229 @@
+"""The real `comptrust evaluate` path on a GPU: engine alone vs evaluate end to end (store, CachedEngine, scoring),
+for a DecodingTrust mix and a toxicity-like n = 25 workload, on random-weight Llama-2 architectures.
+
+    python bench/evaluate_gpu.py --arch llama2-7b-random,llama2-13b-random --tokenizer .carry/tp/tok \
+        --data-dir .carry/tp/decodingtrust --mmlu-dir .carry/tp/mmlu --tox-limit 12 --out-dir $OUT
+
+Workloads (items built by comptrust's own loaders from the data folder):
+  tox25  toxicity at the full profile: n = 25 samples per prompt, 150 new tokens, temperature 1 (--tox-limit
+         prompts per prompt set; x 6 sets/templates);
+  mix    stereotype + AdvGLUE + MMLU at the lite profile (n = 1; 150 / 16 / 16 new tokens): bench/throughput.py's mix.
+Paths: "engine" = HFEngine.generate on the workload's prompts (shared-prefix decoding on, the default; for tox25 also
+"engine, unshared" with one K/V copy per row), "evaluate" = comptrust.evaluate.evaluate() into a fresh results
+folder, i.e. what `comptrust evaluate` runs after loading the model (random weights are built in memory, so the CLI's
+model loading is the one part left out). Random weights never emit EOS on purpose: EOS is ignored and every output
+runs to its max, as the projection assumes.
+
+Roofline of a run (bench/throughput.py's roofline_seconds): prefill FLOPs at the measured matmul rate, plus per decode
+step the larger of (weights + the visible K/V slots, each prompt's shared prefix counted once per step) / measured
+bandwidth and the rows' FLOPs / measured matmul rate. Writes <out-dir>/evaluate_gpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+import throughput as tp  # noqa: E402
+
+from comptrust.engine.hf import HFEngine  # noqa: E402
+from comptrust.evaluate import evaluate, load_perspectives  # noqa: E402
+from comptrust.perspectives.base import EvalOptions  # noqa: E402
+
+WORKLOADS = {
+    "tox25": (["toxicity"], "full"),
+    "mix": (["stereotype", "advglue", "mmlu"], "lite"),
+}
+
+
+def options(work: str, args) -> EvalOptions:
+    names, profile = WORKLOADS[work]
+    limit = args.tox_limit if work == "tox25" else None
+    return EvalOptions(data_dir=args.data_dir.resolve(), profile=profile, limit=limit, mmlu_dir=args.mmlu_dir.resolve())
+
+
+def prompts_of(work: str, args) -> list:
+    loaded, not_run = load_perspectives(WORKLOADS[work][0], options(work, args))
+    if not_run:
+        raise SystemExit(f"{work}: not run: {not_run}")
+    return [it.prompt for _, (_, ld, _) in loaded.items() for it in ld.items]
+
+
+def row(work, arch, path, n_prompts, secs, c, ps, lim, extra=None) -> dict:
+    new = c.get("new_tokens", 0)
+    roof = tp.roofline_seconds(ps, lim, c.get("prefill_tokens", 0), c.get("decode_steps", 0),
+                               c.get("decode_row_steps", 0), c.get("decode_kv_slots", 0))
+    dec_roof = tp.roofline_seconds(ps, lim, 0, c.get("decode_steps", 0), c.get("decode_row_steps", 0),
+                                   c.get("decode_kv_slots", 0))
+    steps = c.get("decode_steps", 0)
+    r = {
+        "workload": work, "model": arch, "path": path, "prompts": n_prompts, "seconds": round(secs, 2),
+        "new_tokens": int(new), "tok_per_s": new / secs if secs else 0.0,
+        "prefill_tokens": int(c.get("prefill_tokens", 0)),
+        "prefill_seconds": round(c.get("prefill_seconds", 0.0), 2), "decode_seconds": round(c.get("decode_seconds", 0.0), 2),
+        "decode_tok_per_s": new / c["decode_seconds"] if c.get("decode_seconds") else None,
+        "prefill_tok_per_s": c["prefill_tokens"] / c["prefill_seconds"] if c.get("prefill_seconds") else None,
+        "mean_decode_rows": round(c.get("decode_row_steps", 0) / steps, 1) if steps else 0,
+        "batches": int(c.get("batches", 0)),
+        "kv_slots_read": int(c.get("decode_kv_slots", 0)), "kv_slots_unshared": int(c.get("decode_kv_slots_unshared", 0)),
+        "roofline_seconds": round(roof, 3), "roofline_fraction": roof / secs if secs else 0.0,
+        "decode_roofline_fraction": dec_roof / c["decode_seconds"] if c.get("decode_seconds") else None,
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else 0,
+        **(extra or {}),
+    }
+    print(f"  {work} | {arch} | {path}: {n_prompts} prompts, {secs:.1f} s, {r['tok_per_s']:.0f} tok/s "
+          f"(decode {r['decode_tok_per_s'] or 0:.0f}, prefill {r['prefill_tok_per_s'] or 0:.0f} tok/s), "
+          f"{100 * r['roofline_fraction']:.1f}% of roofline (decode {100 * (r['decode_roofline_fraction'] or 0):.1f}%), "
+          f"mean rows {r['mean_decode_rows']}, {r['batches']} batches, peak GPU {r['peak_gpu_mib']} MiB", flush=True)
+    return r
+
+
+def profile_batch(eng, prompts, path: Path) -> None:
+    """One batch's worth of tox25 prompts, CUDA graphs off, under torch.profiler: CUDA time per kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    budget, rows = eng._limits(prompts[0].params)
+    k = max(1, min(len(prompts), budget // (len(eng.encode(prompts[0])) + 25 * prompts[0].params.max_new_tokens)))
+    graphs = eng.cuda_graphs
+    eng.cuda_graphs = False
+    eng.counters.clear()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.generate(prompts[:k])
+        torch.cuda.synchronize()
+    eng.cuda_graphs = graphs
+    steps = max(eng.counters.get("decode_steps", 1), 1)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    head = (f"{k} prompts x n=25, {steps:.0f} decode steps, {eng.counters.get('decode_seconds', 0):.2f} s decode "
+            f"(no CUDA graphs), {eng.counters.get('prefill_seconds', 0):.2f} s prefill")
+    path.write_text(head + "\n" + table + "\n")
+    print(head)
+    print("\n".join(table.splitlines()[:22]), flush=True)
+
+
+def timed(fn):
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="llama2-7b-random", help="comma list of bench/throughput.py RANDOM_ARCHS")
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--mmlu-dir", type=Path, required=True)
+    ap.add_argument("--workloads", default="tox25,mix")
+    ap.add_argument("--tox-limit", type=int, default=8, help="toxicity prompts per prompt set (x 6 sets/templates)")
+    ap.add_argument("--no-unshared", action="store_true", help="skip the engine run with one K/V copy per row")
+    ap.add_argument("--no-evaluate", action="store_true")
+    ap.add_argument("--tox-budget-scales", default="", help="comma list of factors: extra engine runs of tox25 with "
+                    "the memory-sized default token budget times each (larger or smaller batches)")
+    ap.add_argument("--profile", action="store_true", help="profile one tox25 batch (no CUDA graphs): top kernels")
+    ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: smoke test of this script")
+    args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    lim = tp.measure_limits(args.device)
+    print(f"device {lim['device_name']}: {lim['bandwidth_measured'] / 1e9:.0f} GB/s copy, "
+          f"{lim['peak_flops_measured'] / 1e12:.0f} TFLOP/s bf16", flush=True)
+    works = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    sets = {w: prompts_of(w, args) for w in works}
+    rows: list[dict] = []
+    for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
+        t0 = time.time()
+        rm, model = tp.random_llama7b(args.tokenizer, args.device, tiny=args.tiny, arch=arch)
+        tp.sync(args.device)
+        ps = tp.param_stats(model)
+        print(f"{arch}: built in {time.time() - t0:.1f} s, {ps['params'] / 1e9:.2f}B params", flush=True)
+        eng = HFEngine(rm, device=args.device, preloaded=model, ignore_eos=True,
+                       loop="static" if args.tiny else "auto")
+        t0 = time.perf_counter()  # warm-up: Triton kernels, graph capture, allocator (printed, not counted)
+        eng.generate([p for w in works for p in sets[w][:2]])
+        free = torch.cuda.mem_get_info()[0] / 2**30 if args.device.startswith("cuda") else 0
+        print(f"  warm-up {time.perf_counter() - t0:.1f} s; free GPU memory {free:.1f} GiB; (token budget, rows) for "
+              f"{works[0]}: {eng._limits(sets[works[0]][0].params)}", flush=True)
+        for w in works:
+            prompts = sets[w]
+            variants = [("engine", None, None)]
+            if w == "tox25":
+                variants += [] if args.no_unshared else [("engine, unshared", False, None)]
+                default = eng._limits(prompts[0].params)[0]
+                variants += [(f"engine, {float(f)} x token budget", None, int(float(f) * default))
+                             for f in args.tox_budget_scales.split(",") if f]
+            for path, shared, budget in variants:
+                eng.shared_decode, eng.token_budget = shared, budget
+                eng.counters.clear()
+                try:
+                    gens, secs = timed(lambda: eng.generate(prompts))
+                except Exception as e:  # e.g. out of memory at a larger budget: say so, go on
+                    print(f"  {w} | {arch} | {path}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                c = dict(eng.counters)
+                rows.append(row(w, arch, path, len(prompts), secs, c, ps, lim, {"token_budget": budget}))
+            eng.shared_decode, eng.token_budget = None, None
+            if args.profile and w == "tox25":
+                profile_batch(eng, prompts, args.out_dir / f"profile_{arch}.txt")
+            if args.no_evaluate:
+                continue
+            out = Path(tempfile.mkdtemp(prefix=f"ct-eval-{w}-"))
+            shutil.rmtree(out)
+            eng.counters.clear()
+            names, _ = WORKLOADS[w]
+            res, secs = timed(lambda: evaluate(eng, {"name": rm.name}, names, options(w, args), out, progress=False))
+            c = dict(eng.counters)
+            extra = {"evaluate_stats": res.stats, "scored": sorted(res.scores), "not_run": res.not_run,
+                     "chunk_size_used": getattr(eng, "chunk_size", None)}
+            rows.append(row(w, arch, "evaluate end to end", len(prompts), secs, c, ps, lim, extra))
+            shutil.rmtree(out, ignore_errors=True)
+        del eng, model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    doc = {"device": lim["device_name"], "limits": lim, "torch": torch.__version__, "rows": rows,
+           "command": " ".join(sys.argv),
+           "vllm": "not measured: the device image has no vLLM, and its wheel (with its own torch build) is far over "
+                   "the 64 MiB a device call can carry"}
+    stem = args.out_dir / f"evaluate_gpu{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
+    md = [f"# `comptrust evaluate` on {lim['device_name']}", "", f"`{doc['command']}`; torch {torch.__version__}; measured "
+          f"{lim['bandwidth_measured'] / 1e9:.0f} GB/s, {lim['peak_flops_measured'] / 1e12:.0f} TFLOP/s bf16.", "",
+          "| workload | model | path | prompts | s | new tokens | tok/s | decode tok/s | prefill tok/s | mean rows | "
+          "% roofline (run) | % roofline (decode) | K/V slots read / unshared | peak GPU MiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kv = f"{r['kv_slots_read'] / max(r['kv_slots_unshared'], 1):.2f}" if r["kv_slots_unshared"] else "-"
+        md.append(f"| {r['workload']} | {r['model']} | {r['path']} | {r['prompts']} | {r['seconds']} | {r['new_tokens']} | "
+                  f"{r['tok_per_s']:.0f} | {r['decode_tok_per_s'] or 0:.0f} | {r['prefill_tok_per_s'] or 0:.0f} | "
+                  f"{r['mean_decode_rows']} | {100 * r['roofline_fraction']:.1f} | "
+                  f"{100 * (r['decode_roofline_fraction'] or 0):.1f} | {kv} | {r['peak_gpu_mib']} |")
+    md += ["", f"vLLM: {doc['vllm']}."]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
