@@ -298,7 +298,8 @@ def test_third_party_chatter_goes_to_the_log_file(tmp_path, capfd, monkeypatch):
     with third_party_to_log(log):
         for _ in tqdm(range(3), desc="per-layer bar"):
             pass
-        logging.getLogger("transformers.modeling_utils").warning("a transformers advisory")
+        logging.getLogger("transformers.modeling_utils").error("a transformers advisory")  # ERROR: the HF engine
+        # sets transformers' verbosity to errors (quiet_transformers), which earlier tests may have done
         warnings.warn_explicit("a torch warning", UserWarning, "/site-packages/torch/nn/x.py", 1)
         warnings.warn_explicit("comptrust's own warning", UserWarning, "/src/comptrust/evaluate.py", 1)
     err = capfd.readouterr().err
