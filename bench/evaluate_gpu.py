@@ -48,12 +48,13 @@ from comptrust.perspectives.base import EvalOptions  # noqa: E402
 WORKLOADS = {
     "tox25": (["toxicity"], "full"),
     "mix": (["stereotype", "advglue", "mmlu"], "lite"),
+    "mmlu": (["mmlu"], "full"),  # prefill-heavy: 5-shot prompts, 16 new tokens (--mmlu-limit questions per subject)
 }
 
 
 def options(work: str, args) -> EvalOptions:
     names, profile = WORKLOADS[work]
-    limit = args.tox_limit if work == "tox25" else None
+    limit = {"tox25": args.tox_limit, "mmlu": args.mmlu_limit}.get(work)
     return EvalOptions(data_dir=args.data_dir.resolve(), profile=profile, limit=limit, mmlu_dir=args.mmlu_dir.resolve())
 
 
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="tox25,mix")
     ap.add_argument("--tox-limit", type=int, default=8, help="toxicity prompts per prompt set (x 6 sets/templates)")
     ap.add_argument("--no-unshared", action="store_true", help="skip the engine run with one K/V copy per row")
+    ap.add_argument("--mmlu-limit", type=int, default=20, help="mmlu workload: questions per subject (x 57)")
     ap.add_argument("--no-evaluate", action="store_true")
     ap.add_argument("--tox-budget-scales", default="", help="comma list of factors: extra engine runs of tox25 with "
                     "the memory-sized default token budget times each (larger or smaller batches)")
@@ -169,12 +171,16 @@ def main() -> None:
         for w in works:
             prompts = sets[w]
             variants = [("engine", None, None)]
+            if w == "mmlu":  # shared-prefix prefill (the five demonstrations of a subject once per batch) on/off
+                variants = [("engine, prefix sharing off (GPU default)", None, None), ("engine, prefix sharing on", "share", None)]
             if w == "tox25":
                 variants += [] if args.no_unshared else [("engine, unshared", False, None)]
                 default = eng._limits(prompts[0].params)[0]
                 variants += [(f"engine, {float(f)} x token budget", None, int(float(f) * default))
                              for f in args.tox_budget_scales.split(",") if f]
             for path, shared, budget in variants:
+                eng.prefix_sharing = shared == "share"
+                shared = None if shared == "share" else shared
                 eng.shared_decode, eng.token_budget = shared, budget
                 eng.counters.clear()
                 try:
@@ -185,7 +191,7 @@ def main() -> None:
                     continue
                 c = dict(eng.counters)
                 rows.append(row(w, arch, path, len(prompts), secs, c, ps, lim, {"token_budget": budget}))
-            eng.shared_decode, eng.token_budget = None, None
+            eng.shared_decode, eng.token_budget, eng.prefix_sharing = None, None, False
             if args.profile and w == "tox25":
                 profile_batch(eng, prompts, args.out_dir / f"profile_{arch}.txt")
             if args.no_evaluate:
