@@ -533,6 +533,8 @@ class HFEngine:
         # shared-prefix prefill pays where prefill is compute-bound (the CPU: 2-3x fewer prefill FLOPs on
         # DecodingTrust + MMLU prompts); on an H100 it measured no better (Llama-2-7B: 15.4 s vs 16.5 s for 600
         # items) or worse (SmolLM2-135M: 5.2 s vs 3.0 s): smaller prefill forwards, more copies. Default: CPU only.
+        # But on full-profile MMLU (20 questions per subject, 13B on an H200) it halved the run, 55.1 s -> 29.2 s
+        # (bench/results/evaluate_gpu_h200_mmlu.md): with many prompts per shared prefix it pays on a GPU too.
         self.prefix_sharing = (not self.device.startswith("cuda")) if prefix_sharing is None else prefix_sharing
         self.cuda_graphs = cuda_graphs
         self.shared_decode = shared_decode
