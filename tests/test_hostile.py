@@ -960,3 +960,49 @@ def test_a_truncated_cached_model_record_is_converted_again(tmp_path, monkeypatc
 def test_store_wait_is_checked_up_front():
     p = _cli("perspectives", env={"COMPTRUST_STORE_WAIT": "soon"})
     assert p.returncode == 2 and _last(p) == "error: COMPTRUST_STORE_WAIT='soon': expected seconds between 0 and 86400"
+
+
+def _reader_summary(path: Path) -> dict:
+    """What inspect_gguf reported when it read headers with the gguf library's GGUFReader."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+
+    def field(name):
+        fld = r.fields.get(name)
+        return None if fld is None else fld.contents()
+
+    return {"architecture": field("general.architecture"), "name": field("general.name"),
+            "tensor_types": dict(Counter(t.tensor_type.name for t in r.tensors)), "n_tensors": len(r.tensors),
+            "tensor_bytes": sum(int(t.n_bytes) for t in r.tensors)}
+
+
+def test_header_walk_reports_what_the_gguf_library_reads(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from comptrust.models.gguf_convert import inspect_gguf
+
+    f = tmp_path / "w.gguf"
+    w = GGUFWriter(str(f), "llama")
+    w.add_name("tiny test")
+    w.add_token_list(["<s>", "a", "bb", "ccc"])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_uint32("test.u32", 7)
+    w.add_float32("test.f", 0.5)
+    w.add_tensor("a.weight", np.ones((4, 8), dtype=np.float32))
+    w.add_tensor("b.weight", np.ones((3,), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert inspect_gguf(f) == _reader_summary(f)
+    from comptrust.models.resolve import embedded_gguf
+
+    assert inspect_gguf(embedded_gguf()) == _reader_summary(embedded_gguf())
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(f.read_bytes()[:-40])  # into the last tensor (the writer pads the end to 32 bytes)
+    with pytest.raises(UsageError, match=f"truncated GGUF file {cut}: tensors end at byte"):
+        inspect_gguf(cut)

@@ -37,9 +37,11 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 
 
-def prescan_gguf(path: Path) -> None:
-    """Walk the GGUF header (metadata and tensor infos) without building it, in bounded time and memory:
-    UsageError for an array, string or count beyond the bounds above or beyond the file's end."""
+def prescan_gguf(path: Path) -> dict[str, Any] | None:
+    """Walk the GGUF header (metadata and tensor infos) in bounded time and memory, building nothing big:
+    UsageError for an array, string or count beyond the bounds above or beyond the file's end. Returns the
+    header's summary (what inspect_gguf reports), or None for a layout it does not walk (v1, big-endian), which
+    the gguf library then reads."""
     import struct
 
     size = path.stat().st_size
@@ -49,7 +51,7 @@ def prescan_gguf(path: Path) -> None:
             raise UsageError(f"truncated GGUF file {path}: {len(head)} bytes of header")
         version = struct.unpack_from("<I", head, 4)[0]
         if version not in (2, 3):
-            return  # v1 or big-endian: the gguf library's own checks apply
+            return None  # v1 or big-endian: the gguf library's own checks apply
         n_tensors, n_kv = struct.unpack_from("<QQ", head, 8)
 
         def bad(what: str) -> UsageError:
@@ -71,44 +73,74 @@ def prescan_gguf(path: Path) -> None:
                 raise bad(f"{what} declares a string of {n:,} bytes")
             return read(n)
 
-        def value(vtype: int, key: str, depth: int = 0) -> None:
-            if vtype in _SCALAR_SIZES:
-                read(_SCALAR_SIZES[vtype])
-            elif vtype == _STRING:
-                string(f"metadata {key!r}")
-            elif vtype == _ARRAY:
-                etype, count = struct.unpack("<IQ", read(12))
-                if count > MAX_ARRAY_ITEMS:
-                    raise bad(f"metadata array {key!r} has {count:,} elements (at most {MAX_ARRAY_ITEMS:,})")
-                total[0] += count
-                if total[0] > MAX_TOTAL_ITEMS:
-                    raise bad(f"its metadata arrays hold more than {MAX_TOTAL_ITEMS:,} elements in all")
-                if etype in _SCALAR_SIZES:
-                    n = _SCALAR_SIZES[etype] * count
-                    if f.tell() + n > size:
-                        raise UsageError(f"truncated GGUF file {path}: metadata array {key!r} runs past the end")
-                    f.seek(n, 1)
-                elif etype == _STRING:
-                    for _ in range(count):
-                        string(f"metadata array {key!r}")
-                elif etype == _ARRAY and depth < 2:
-                    for _ in range(count):
-                        value(_ARRAY, key, depth + 1)
-                else:
-                    raise bad(f"metadata array {key!r} has elements of unknown type {etype}")
-            else:
-                raise bad(f"metadata {key!r} has unknown type {vtype}")
-
         total = [0]
+
+        def value(vtype: int, key: str, depth: int = 0) -> Any:
+            """The value for scalars and strings (kept: a few header fields are reported), None for arrays."""
+            if vtype in _SCALAR_SIZES:
+                raw = read(_SCALAR_SIZES[vtype])
+                return int.from_bytes(raw, "little") if vtype in (0, 2, 4, 10) else None
+            if vtype == _STRING:
+                return string(f"metadata {key!r}").decode("utf-8", "replace")
+            if vtype != _ARRAY:
+                raise bad(f"metadata {key!r} has unknown type {vtype}")
+            etype, count = struct.unpack("<IQ", read(12))
+            if count > MAX_ARRAY_ITEMS:
+                raise bad(f"metadata array {key!r} has {count:,} elements (at most {MAX_ARRAY_ITEMS:,})")
+            total[0] += count
+            if total[0] > MAX_TOTAL_ITEMS:
+                raise bad(f"its metadata arrays hold more than {MAX_TOTAL_ITEMS:,} elements in all")
+            if etype in _SCALAR_SIZES:
+                n = _SCALAR_SIZES[etype] * count
+                if f.tell() + n > size:
+                    raise UsageError(f"truncated GGUF file {path}: metadata array {key!r} runs past the end")
+                f.seek(n, 1)
+            elif etype == _STRING:
+                for _ in range(count):
+                    string(f"metadata array {key!r}")
+            elif etype == _ARRAY and depth < 2:
+                for _ in range(count):
+                    value(_ARRAY, key, depth + 1)
+            else:
+                raise bad(f"metadata array {key!r} has elements of unknown type {etype}")
+            return None
+
+        fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key = string("a metadata key").decode("utf-8", "replace")
-            value(struct.unpack("<I", read(4))[0], key)
+            fields[key] = value(struct.unpack("<I", read(4))[0], key)
+        tensors = []
         for _ in range(n_tensors):
             name = string("a tensor name").decode("utf-8", "replace")
             n_dims = struct.unpack("<I", read(4))[0]
             if n_dims > 8:
                 raise bad(f"tensor {name!r} declares {n_dims} dimensions")
-            read(8 * n_dims + 4 + 8)
+            dims = struct.unpack(f"<{n_dims}Q", read(8 * n_dims))
+            ttype, offset = struct.unpack("<IQ", read(12))
+            tensors.append((name, dims, ttype, offset))
+        header_end = f.tell()
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    align = fields.get("general.alignment") or 32
+    start = header_end + (-header_end % align)
+    types: Counter = Counter()
+    n_bytes = 0
+    last = start
+    for name, dims, ttype, offset in tensors:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise bad(f"tensor {name!r} has unknown type {ttype}") from None
+        elems = 1
+        for d in dims:
+            elems *= d
+        nb = elems * type_size // block
+        types[qtype.name] += 1
+        n_bytes += nb
+        last = max(last, start + offset + nb)
+    return {"architecture": fields.get("general.architecture"), "name": fields.get("general.name"),
+            "tensor_types": dict(types), "n_tensors": len(tensors), "tensor_bytes": n_bytes, "_end": last}
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
@@ -117,7 +149,14 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         magic = f.read(4)
     if magic != b"GGUF":
         raise UsageError(f"{path} is not a GGUF file (bad magic bytes {magic!r})")
-    prescan_gguf(path)
+    walked = prescan_gguf(path)
+    if walked is not None:  # v2/v3 little-endian: the walk has it all (GGUFReader took 12 s for the embedded model)
+        last = walked.pop("_end")
+        if not walked["n_tensors"]:
+            raise UsageError(f"corrupt or truncated GGUF file {path}: it holds no tensors")
+        if last > path.stat().st_size:
+            raise UsageError(f"truncated GGUF file {path}: tensors end at byte {last}, file has {path.stat().st_size}")
+        return walked
     try:
         from gguf import GGUFReader
 
