@@ -474,7 +474,8 @@ def rule_text(spec: StudySpec, z: float, looks: dict[str, Any] | None = None) ->
                f"boundary z = {z:.2f} is the group-sequential one of that look (Lan-DeMets O'Brien-Fleming-type alpha "
                f"spending), so the chance of a false keeps stays <= {a} over all looks.")
     return (f"Non-inferiority rule (decision: noninferiority): per perspective, d = worst seed − dense on the same items, "
-            f"se = bootstrap SD of d (at least 100/n points for n items). Keeps trust when d − {z:.2f}·se > −{b} for "
+            f"se = bootstrap SD of d, widened for small sub-scenarios (x sqrt(m/(m-1)) for the smallest, of m items) and "
+            f"at least 100/n points for n items. Keeps trust when d − {z:.2f}·se > −{b} for "
             f"every seed (the one-sided {100 * (1 - spec.alpha):g}% lower confidence bound is above −{b}); loses trust "
             f"when d + {z:.2f}·se < −{b} for some seed; otherwise undecided, with the items that would decide it. The "
             f"recommendation is the most compressed variant (fewest nominal bits per weight) whose every verdict says "
