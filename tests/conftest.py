@@ -51,6 +51,10 @@ def pytest_configure(config):
     )
     os.environ["COMPTRUST_HOME"] = home
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # the test home outlives a run: a study test must not find checkpoints or generations that an earlier run (or
+    # another test) left in its study cache, or its counts and timings would depend on the order tests ran in.
+    # tests/study/test_reuse.py turns it on in a home of its own.
+    os.environ.setdefault("COMPTRUST_STUDY_CACHE", "off")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("COMPTRUST_REQUIRE_LLAMACPP") == "1" and not hasattr(config, "workerinput"):
         # CI sets this: there the served-GGUF tests (a real llama.cpp server) must run, never skip silently

@@ -51,15 +51,17 @@ def test_an_incomplete_cache_entry_is_never_used(home, tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-def test_generations_travel_by_model_fingerprint_only(home, tmp_path):
+def test_generations_read_through_the_shared_cache(home, tmp_path):
     p = GenParams(max_new_tokens=4)
-    with Store(tmp_path / "a.sqlite") as a:
-        a.put_generations([("k-m1", "m1", "prompt 1", p, ["out 1"], [2]), ("k-m2", "m2", "prompt 2", p, ["out 2"], [3])])
-        assert reuse.export_generations(a, "m1") == 1
-    with Store(tmp_path / "b.sqlite") as b:
-        assert reuse.import_generations(b, "m1") == 1
-        assert reuse.import_generations(b, "m2") == 0  # never exported
-        assert b.get_generations(["k-m1", "k-m2"]) == {"k-m1": (["out 1"], [2])}
+    with Store(tmp_path / "a.sqlite") as a, reuse.generations_through_cache(a) as st:
+        st.put_generations([("k1", "m1", "prompt 1", p, ["out 1"], [2]), ("k2", "m2", "prompt 2", p, ["out 2"], [3])])
+        assert a.count_generations() == 2  # the study's own store has them
+    with Store(tmp_path / "b.sqlite") as b, reuse.generations_through_cache(b) as st:
+        assert st.get_generations(["k1", "k9"]) == {"k1": (["out 1"], [2])}
+        assert st.reused == 1
+        # only the hit that was asked for is copied into the study's store, nothing else of the cache
+        assert b.get_generations(["k1", "k2"]) == {"k1": (["out 1"], [2])} and b.count_generations() == 1
+        assert st.get_generations(["k1"]) == {"k1": (["out 1"], [2])} and st.reused == 1  # now a local hit
 
 
 def test_cache_off_switch(home, tmp_path, monkeypatch):
@@ -67,9 +69,9 @@ def test_cache_off_switch(home, tmp_path, monkeypatch):
     src = _ckpt(tmp_path / "s" / "v", {"config": {}})
     reuse.save_checkpoint("k3", src, "comptrust.json")
     assert not (reuse.cache_root() / "checkpoints" / "k3").exists()
-    with Store(tmp_path / "a.sqlite") as a:
-        a.put_generations([("k", "m", "p", GenParams(max_new_tokens=1), ["o"], [1])])
-        assert reuse.export_generations(a, "m") == 0
+    with Store(tmp_path / "a.sqlite") as a, reuse.generations_through_cache(a) as st:
+        assert st is a  # the study's store itself: nothing read from or written to the cache
+    assert not (reuse.cache_root() / "generations.sqlite").exists()
 
 
 def test_cache_command_info_and_clear(home, tmp_path):
@@ -128,9 +130,10 @@ def test_a_second_study_reuses_checkpoints_and_generations(home, tmp_path, monke
 def test_a_damaged_generation_cache_only_costs_the_reuse(home, tmp_path, capsys):
     reuse.cache_root().mkdir(parents=True)
     (reuse.cache_root() / "generations.sqlite").write_bytes(b"not a database" * 100)
-    with Store(tmp_path / "a.sqlite") as a:
-        a.put_generations([("k", "m", "p", GenParams(max_new_tokens=1), ["o"], [1])])
-        assert reuse.import_generations(a, "m") == 0
-        assert reuse.export_generations(a, "m") == 0
+    p = GenParams(max_new_tokens=1)
+    with Store(tmp_path / "a.sqlite") as a, reuse.generations_through_cache(a) as st:
+        st.put_generations([("k", "m", "p", p, ["o"], [1])])
+        assert st.get_generations(["k", "other"]) == {"k": (["o"], [1])}
+        assert a.count_generations() == 1
     err = capsys.readouterr().err
-    assert err.count("warning: study cache:") == 2 and "the study goes on" in err
+    assert "warning: study cache:" in err and "the study goes on" in err

@@ -8,7 +8,9 @@ make a *new* study (a fresh --out) skip what an earlier one on this machine comp
                                                    settings, calibration seed) and the versions that make it
   $COMPTRUST_HOME/study-cache/generations.sqlite   generations, in the store's own layout: keyed by (model
                                                    fingerprint, rendered prompt, decoding parameters, seed), as in a
-                                                   study's store, so a hit is the output the same model gave
+                                                   study's store, so a hit is the output the same model gave; a
+                                                   study's look-ups read through to it (ReadThrough) and copy
+                                                   only the hits they use
 
 Checkpoints are copied in as hard links where the file system allows (no extra disk; clearing the cache never
 breaks a study that used one), else as copies. Off with COMPTRUST_STUDY_CACHE=off; emptied with
@@ -25,6 +27,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,44 +139,88 @@ def _warn(what: str, e: BaseException) -> None:
           file=sys.stderr, flush=True)
 
 
-def import_generations(store: Any, model_fp: str) -> int:
-    """Copy the shared cache's generations of model_fp into the study's store; returns how many."""
-    if not enabled() or not (cache_root() / "generations.sqlite").is_file():
-        return 0
-    try:
-        with _shared_store() as shared:
-            rows = shared.generation_rows(model=model_fp)
-        if rows:
-            store.put_generation_rows(rows)
-    except (OSError, sqlite3.Error, ComptrustError) as e:  # a damaged or busy cache costs only the reuse
-        _warn("read earlier generations", e)
-        return 0
-    return len(rows)
+class ReadThrough:
+    """A study's store whose generation look-ups fall through to the shared cache.
+
+    A key the study's store lacks is looked up in $COMPTRUST_HOME/study-cache/generations.sqlite; a hit is copied
+    into the study's store (so the study keeps exactly the generations it used, as if it had made them) and
+    served as a cache hit. New generations go to both. Everything else is the study's store: evaluate() and
+    CachedEngine use this object where they would use the Store. A damaged or busy shared cache warns once and is
+    then left alone.
+    """
+
+    def __init__(self, store: Any, shared: Any):
+        self._store, self._shared = store, shared
+        self.reused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _drop_shared(self, what: str, e: BaseException) -> None:
+        _warn(what, e)
+        self._shared = None
+
+    def get_generations(self, keys: Any) -> dict[str, tuple[list[str], list[int]]]:
+        keys = list(keys)
+        hits = self._store.get_generations(keys)
+        missing = [k for k in keys if k not in hits]
+        if missing and self._shared is not None:
+            try:
+                rows = []
+                for i in range(0, len(missing), 500):
+                    chunk = missing[i : i + 500]
+                    rows += self._shared.db.execute(
+                        "SELECT key, model, prompt, params, outputs, n_tokens FROM generations WHERE key IN "
+                        f"({','.join('?' * len(chunk))})", chunk).fetchall()
+            except (OSError, sqlite3.Error) as e:
+                self._drop_shared("read earlier generations", e)
+                rows = []
+            if rows:
+                self._store.put_generation_rows(rows)
+                hits.update(self._store.get_generations([r[0] for r in rows]))
+                self.reused += len(rows)
+        return hits
+
+    def put_generations(self, rows: Any) -> None:
+        rows = list(rows)
+        self._store.put_generations(rows)  # the study's own copy first: it alone must not fail silently
+        if self._shared is not None:
+            try:
+                self._shared.put_generations(rows)
+            except (OSError, sqlite3.Error, ComptrustError) as e:
+                self._drop_shared("keep generations for later studies", e)
 
 
-def export_generations(store: Any, model_fp: str) -> int:
-    """Copy the study store's generations of model_fp into the shared cache; returns how many."""
+@contextlib.contextmanager
+def generations_through_cache(store: Any) -> Iterator[Any]:
+    """Yield the store to evaluate with: `store` itself when the cache is off or cannot be opened, else a
+    ReadThrough on it."""
     if not enabled():
-        return 0
+        yield store
+        return
     try:
-        rows = store.generation_rows(model=model_fp)
-        if rows:
-            with _shared_store() as shared:
-                shared.put_generation_rows(rows)
-    except (OSError, sqlite3.Error, ComptrustError) as e:  # the study's own store already holds them
-        _warn("keep the generations for later studies", e)
-        return 0
-    return len(rows)
+        shared = _shared_store()
+    except (OSError, sqlite3.Error, ComptrustError) as e:
+        _warn("open the shared generation cache", e)
+        yield store
+        return
+    try:
+        yield ReadThrough(store, shared)
+    finally:
+        shared.close()
 
 
 def describe() -> dict[str, Any]:
     """What the caches hold: {"root", "checkpoints", "generations", "bytes"}."""
     root = cache_root()
     ckpts = [p for p in (root / "checkpoints").glob("*") if p.is_dir() and not p.name.startswith(".")]
-    n_gen = 0
+    n_gen: int | None = 0
     if (root / "generations.sqlite").is_file():
-        with _shared_store() as shared:
-            n_gen = shared.count_generations()
+        try:
+            with _shared_store() as shared:
+                n_gen = shared.count_generations()
+        except (OSError, sqlite3.Error, ComptrustError):
+            n_gen = None  # damaged or busy: `comptrust cache clear` still removes it
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
     return {"root": str(root), "checkpoints": len(ckpts), "generations": n_gen, "bytes": size}
 

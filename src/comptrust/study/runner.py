@@ -306,11 +306,6 @@ def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opt
         kw["backend"] = backend
     from comptrust.study import reuse
 
-    with open_engine(model_ref, **kw) as (engine, info):
-        fp = engine.fingerprint if reuse.enabled() else None
-        if fp:  # what an earlier study generated with this very model (same fingerprint) is not generated again
-            reuse.import_generations(store, fp)
-        result = evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=store)
-        if fp:
-            reuse.export_generations(store, fp)
-        return result
+    # what an earlier study generated with the same model (fingerprint), prompt and decoding is not generated again
+    with open_engine(model_ref, **kw) as (engine, info), reuse.generations_through_cache(store) as st:
+        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=st)
