@@ -73,6 +73,14 @@ def test_duplicate_keys_are_refused(tmp_path):
     assert "duplicate key 'bits'" in msg and msg.startswith(f"{tmp_path / 'study.yaml'}:2:")
 
 
+def test_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    f = tmp_path / "study.yaml"
+    f.write_text("variants:\n  - &b {method: gptq, bits: 4, group_size: 64}\n  - {<<: *b, bits: 3, name: g3}\n")
+    spec = load_spec(f)
+    assert [(v.name, v.settings) for v in spec.variants if not v.is_dense] == [
+        ("gptq-w4-g64", {"bits": 4, "group_size": 64}), ("g3", {"bits": 3, "group_size": 64})]
+
+
 def _bomb(levels: int = 9) -> str:
     """A "billion laughs" study: 9 levels of 9 aliases, 9^9 leaves when expanded."""
     names = "abcdefghijklmnop"

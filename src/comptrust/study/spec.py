@@ -301,7 +301,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for k, _ in node.value:
-                if isinstance(k, yaml.ScalarNode):
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":  # `<<: *base` merges
                     key = self.construct_object(k, deep=deep)
                     try:
                         first = seen.get(key)
