@@ -374,6 +374,18 @@ def test_store_schema_is_checked_when_it_opens(tmp_path):
                                    "lacks created, n_tokens, params) that this version cannot read: use another --out")
 
 
+def test_another_programs_sqlite_is_not_a_results_database(tmp_path):
+    path = tmp_path / "comptrust.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE generations (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(UsageError) as e:
+        Store(path)
+    assert str(e.value) == (f"{path} is not a comptrust results database (generations lacks created, key, model, "
+                            "n_tokens, outputs, params, prompt)")
+
+
 def test_readonly_open_never_writes(tmp_path):
     path = tmp_path / "comptrust.sqlite"
     with Store(path) as st:

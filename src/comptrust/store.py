@@ -203,10 +203,12 @@ class Store:
         missing = {t: sorted(cols - {r[1] for r in self.db.execute(f"PRAGMA table_info({t})")})
                    for t, cols in _COLUMNS.items() if t in tables}
         missing = {t: c for t, c in missing.items() if c}
-        if v is None or v < SCHEMA_VERSION or missing:
-            what = "; ".join(f"{t} lacks {', '.join(c)}" for t, c in missing.items())
-            if v is None and not missing and tables >= set(_COLUMNS):
-                return  # complete tables, only the version row missing (written between schema and meta)
+        what = "; ".join(f"{t} lacks {', '.join(c)}" for t, c in missing.items())
+        if v is None or v >= SCHEMA_VERSION:
+            if missing:  # another program's SQLite file, or tables edited by hand
+                raise UsageError(f"{self.path} is not a comptrust results database ({what})")
+            return  # no version row (written between schema and meta): the tables are complete or get made
+        if v < SCHEMA_VERSION:
             raise UsageError(
                 f"{self.path} was written by an older comptrust (store schema_version {version or 'none'}"
                 f"{'; ' + what if what else ''}) that this version cannot read: use another --out (the file is left "
