@@ -1029,3 +1029,15 @@ def test_header_walk_reports_what_the_gguf_library_reads(tmp_path):
     cut.write_bytes(f.read_bytes()[:-40])  # into the last tensor (the writer pads the end to 32 bytes)
     with pytest.raises(UsageError, match=f"truncated GGUF file {cut}: tensors end at byte"):
         inspect_gguf(cut)
+
+
+def test_the_python_api_gives_the_out_lock_back(tmp_path):
+    """A notebook's kernel outlives an evaluation: after the call another process may write the folder."""
+    from comptrust.evaluate import check_out_dir, release_out_dir
+
+    out = tmp_path / "o"
+    check_out_dir(out)
+    release_out_dir(out)
+    p = subprocess.run([sys.executable, "-c", _HOLDER.replace("time.sleep(60)", ""), str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "locked", p.stderr[-2000:]

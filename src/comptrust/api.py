@@ -99,6 +99,10 @@ def evaluate(
         if created:  # a check that failed after `out` was made leaves no empty folder behind
             discard_if_unused(out)
         raise
+    finally:
+        from comptrust.evaluate import release_out_dir
+
+        release_out_dir(out)  # a notebook's kernel outlives the call: another process may write `out` next
     return EvalResult.from_run(run, cfg)
 
 
@@ -179,8 +183,13 @@ def run_study(
 
     if out is None:
         raise UsageError("out: the study folder is required (e.g. out='runs/study')")
-    _run(_spec(spec), Path(out), progress=progress, executor=executor, ray_address=ray_address, workers=workers,
-         models_dir=Path(models_dir) if models_dir else None)
+    from comptrust.evaluate import release_out_dir
+
+    try:
+        _run(_spec(spec), Path(out), progress=progress, executor=executor, ray_address=ray_address, workers=workers,
+             models_dir=Path(models_dir) if models_dir else None)
+    finally:
+        release_out_dir(Path(out))  # the lock is the call's, not the (long-lived) process's
     return load_study(out)
 
 

@@ -138,6 +138,18 @@ def lock_out_dir(out: Path) -> None:
     _HELD[key] = f
 
 
+def release_out_dir(out: Path) -> None:
+    """Give up this process's lock on `out` (the Python API, whose process outlives one evaluation, calls it at the
+    end of each; the CLI's lock lasts until the process ends)."""
+    try:
+        key = str(Path(out).expanduser().resolve())
+    except OSError:
+        return
+    held = _HELD.pop(key, None)
+    if held is not None:
+        held.close()
+
+
 def check_out_dir(out: Path) -> Path:
     out = out.expanduser()
     try:
