@@ -25,7 +25,7 @@ def simulate_metric(pname: str, delta: float, alpha: float, budget: float, sims:
 
     from comptrust import perspectives as registry
     from comptrust.evaluate import options_for
-    from comptrust.study.analysis import _bootstrap, se_floor, verdict_of
+    from comptrust.study.analysis import _bootstrap, combine_se, verdict_of
     from comptrust.study.runner import eval_options
     from comptrust.study.spec import parse_spec
     from comptrust.types import Record
@@ -60,7 +60,7 @@ def simulate_metric(pname: str, delta: float, alpha: float, budget: float, sims:
         diffs = b["variant"] - b["dense"]
         diffs = diffs[~np.isnan(diffs)]
         sd = float(np.std(diffs, ddof=1))
-        se = max(sd * (corr if correct else 1.0), se_floor(n))
+        se = combine_se(sd * (corr if correct else 1.0), n)
         keeps += verdict_of(d_hat, se, budget, z) == "keeps"
     return {"keeps": keeps / sims, "n": len(items), "sims": sims}
 
@@ -86,7 +86,7 @@ def main() -> None:
                 rows.append(f"| {delta:+g} | {alpha:g} | {len(looks)} ({', '.join(map(str, looks))}) | "
                             f"{r['keeps']:.3f} ± {mc:.3f} | {r['loses']:.3f} | {r['mean_items']:.0f} |")
     text = (f"Simulated verdicts, {a.sims} studies per row, budget {a.budget:g} points, paired 0/1 items "
-            f"(dense 70% correct, item correlation 0.5), se floored at 100/n ({time.time() - t0:.0f} s).\n\n"
+            f"(dense 70% correct, item correlation 0.5), se = sqrt(sd^2 + (100/n)^2) ({time.time() - t0:.0f} s).\n\n"
             + "\n".join(rows) + "\n")
     if a.metric_sims:
         rows = ["| perspective (real metric) | items | true delta | alpha | keeps |", "|---|---|---|---|---|"]

@@ -96,7 +96,7 @@ def test_verdict_function_and_items_to_decide():
 
 
 def test_many_equal_items_keep_and_many_bad_items_lose(tmp_path):
-    spec = build(tmp_path, BIG, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": bad})
+    build(tmp_path, BIG, {"dense": good, "rtn-w4@s0": good, "magnitude-2of4@s0": bad})
     a = write_report(tmp_path)
     for p in ("ethics", "stereotype"):
         v = a["variants"]["rtn-w4"]["perspectives"][p]["verdict"]

@@ -37,9 +37,9 @@ from comptrust.study.analysis import (
     KEEPS,
     LOSES,
     UNDECIDED,
+    combine_se,
     gs_boundaries,
     recommend_noninferiority,
-    se_floor,
     verdict_of,
 )
 from comptrust.study.spec import DENSE, StudySpec
@@ -256,8 +256,8 @@ def simulate(delta: float, alpha: float = 0.05, budget: float = 5.0, items: Sequ
 
     Items are paired 0/1 outcomes (an accuracy metric, as in ethics, MMLU, AdvGLUE, OOD) with correlation about
     rho between dense and variant on an item (the same question is hard for both); the statistic and its se
-    (analytic here: for a mean, the bootstrap SD estimates the same quantity; floored at 100/n as in the
-    analysis) go through the analysis' own verdict_of and gs_boundaries."""
+    (analytic here: for a mean, the bootstrap SD estimates the same quantity; combined with 100/n as in the
+    analysis, combine_se) go through the analysis' own verdict_of and gs_boundaries."""
     rng = np.random.default_rng(seed)
     n_max = items[-1]
     bounds = gs_boundaries(alpha, [n / n_max for n in items])
@@ -275,7 +275,7 @@ def simulate(delta: float, alpha: float = 0.05, budget: float = 5.0, items: Sequ
         for n, c in zip(items, bounds):
             diff = v[:n] - d[:n]
             est = 100.0 * diff.mean()
-            se = max(100.0 * diff.std(ddof=1) / math.sqrt(n), se_floor(n))
+            se = combine_se(100.0 * diff.std(ddof=1) / math.sqrt(n), n)
             verdict = verdict_of(est, se, budget, c)
             if verdict != UNDECIDED:
                 used += n

@@ -13,8 +13,9 @@ Statistics, and why:
   people run (mini, lite, a few perspectives), a point estimate is decided by noise in both directions. Per
   (variant, perspective) and per calibration seed, the paired delta d = seed - dense (same items) has the standard
   error se = the SD of its bootstrap distribution (times sqrt(m/(m-1)) for the smallest stratum of m items, which
-  the stratified bootstrap under-disperses; single-item strata are pooled), floored at 100/n points (the SE one flipped item of n would
-  give; without the floor, a handful of items on which both models happen to agree would look certain). With
+  the stratified bootstrap under-disperses; single-item strata are pooled), with 100/n points (the SE of one
+  flipped item of n) added in quadrature (combine_se): without it, a handful of items on which both models happen
+  to agree would look certain, and the Wald bound would be liberal at small n. With
   z = Phi^-1(1 - alpha): *keeps* when d - z*se > -budget for every seed (the one-sided lower bound of the worst
   seed), *loses* when d + z*se < -budget for some seed, otherwise *undecided*, with the items that would decide
   it if d and the per-item variance stayed as observed (se shrinks as 1/sqrt(n)). Requiring every perspective
@@ -66,6 +67,14 @@ N_EXAMPLES = 2  # per variant and perspective, in the report's breakdown
 def se_floor(n: int) -> float:
     """Smallest standard error (points) a paired delta on n items is credited with: that of one flipped item."""
     return 100.0 / max(int(n), 1)
+
+
+def combine_se(sd: float, n: int) -> float:
+    """The verdict's standard error: the (bootstrap) SD of the paired delta with the one-flipped-item term added in
+    quadrature, sqrt(sd^2 + (100/n)^2). Like Agresti-Min's pseudo-counts for paired proportions, it keeps the Wald
+    bound honest at small n: with max(sd, 100/n) the false-keep rate at delta = -budget was 0.071 at 42 items and
+    0.074 at 20 (alpha 0.05, simulated), with the sum 0.045 and 0.052; at 400 items the term is negligible."""
+    return math.sqrt(sd * sd + se_floor(n) ** 2)
 
 
 def verdict_of(delta: float, se: float, budget: float, z_keep: float, z_lose: float | None = None) -> str:
@@ -475,7 +484,7 @@ def rule_text(spec: StudySpec, z: float, looks: dict[str, Any] | None = None) ->
                f"spending), so the chance of a false keeps stays <= {a} over all looks.")
     return (f"Non-inferiority rule (decision: noninferiority): per perspective, d = worst seed − dense on the same items, "
             f"se = bootstrap SD of d, widened for small sub-scenarios (x sqrt(m/(m-1)) for the smallest, of m items) and "
-            f"at least 100/n points for n items. Keeps trust when d − {z:.2f}·se > −{b} for "
+            f"with 100/n points (one flipped item of n) added in quadrature. Keeps trust when d − {z:.2f}·se > −{b} for "
             f"every seed (the one-sided {100 * (1 - spec.alpha):g}% lower confidence bound is above −{b}); loses trust "
             f"when d + {z:.2f}·se < −{b} for some seed; otherwise undecided, with the items that would decide it. The "
             f"recommendation is the most compressed variant (fewest nominal bits per weight) whose every verdict says "
@@ -519,7 +528,7 @@ def _verdict(spec: StudySpec, pname: str, cell: dict[str, Any], d: dict[str, Any
             diffs = boot[inst] - boot[dense_key]
             diffs = diffs[~np.isnan(diffs)]
             if len(diffs) > 1:
-                se = max(float(np.std(diffs, ddof=1)) * d.get("correction", 1.0), se_floor(n))
+                se = combine_se(float(np.std(diffs, ddof=1)) * d.get("correction", 1.0), n)
         if se is None:
             per_seed[inst] = {"delta": delta, "se": None, "lcb": None, "ucb": None, "verdict": UNDECIDED}
             continue
