@@ -163,3 +163,26 @@ def test_schemas_ship_as_package_data():
     proj = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "schemas/*.json" in proj["tool"]["setuptools"]["package-data"]["comptrust"]
     assert {p.name for p in SCHEMA_DIR.glob("*.schema.json")} == {"scores.schema.json", "results.schema.json"}
+
+
+def test_ci_at_limit_1_pools_single_item_sub_scenarios(tmp_path, scripted):
+    """At --limit 1 every sub-scenario holds one item; pooled into one stratum they still give an interval (as the
+    study's analysis does), instead of the zero-width one a per-sub-scenario resample would give."""
+    from comptrust.evaluate import resampling_strata
+
+    out = tmp_path / "l1"
+    _cli(["evaluate", "-p", "ethics,ood", "--limit", "1", "--out", str(out), "--no-progress"])
+    doc = json.loads((out / "scores.json").read_text())
+    _validate(doc, "scores")
+    for name in ("ethics", "ood"):
+        p = doc["perspectives"][name]
+        assert set(p["n_items_by_group"].values()) == {1}
+        assert p["ci95"]["low"] is not None and p["ci95"]["low"] < p["ci95"]["high"], (name, p["ci95"])
+
+    class R:  # the pooling rule on its own
+        def __init__(self, g):
+            self.item = type("I", (), {"group": g})()
+
+    recs = [R(g) for g in ["a", "a", "b", "c", "d", "d", "d"]]
+    assert resampling_strata(recs) == [[0, 1], [4, 5, 6], [2, 3]]
+    assert resampling_strata([R("a"), R("a"), R("b")]) == [[0, 1, 2]]  # a lone single joins the smallest

@@ -423,23 +423,34 @@ class _MemoScorer:
         return [self.memo[t] for t in texts]
 
 
+def resampling_strata(records: Sequence[Record]) -> list[list[int]]:
+    """Bootstrap strata: one per sub-scenario, except that single-item sub-scenarios are pooled into one stratum
+    (a stratum of one item resamples to itself and adds no variance: at --limit 1 every sub-scenario is one) and a
+    lone single-item stratum joins the smallest other one. The same rule as the study's analysis."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.item.group, []).append(i)
+    big = [v for v in groups.values() if len(v) > 1]
+    small = [i for v in groups.values() if len(v) == 1 for i in v]
+    if len(small) > 1 or (small and not big):
+        big.append(small)
+    elif small:
+        min(big, key=len).extend(small)
+    return [sorted(v) for v in big]
+
+
 def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Record], b: int = CI_RESAMPLES,
                  seed: int = 0) -> dict[str, Any] | None:
     """95% percentile bootstrap CI of a perspective's score over its items, stratified by sub-scenario (each keeps
-    its size), every resample scored by the perspective's own score(): the same resampling as a study's analysis,
-    so a single evaluation's interval means what the report's does. None when fewer than two resamples score;
-    low/high None (and why, under method) when every sub-scenario holds a single item."""
+    its size; single-item ones pooled, resampling_strata), every resample scored by the perspective's own score():
+    the same resampling as a study's analysis, so a single evaluation's interval means what the report's does.
+    None when fewer than two resamples score; low/high None (and why, under method) for a single item."""
     import numpy as np
 
-    strata: dict[str, list[int]] = {}
-    for i, r in enumerate(recs):
-        strata.setdefault(r.item.group, []).append(i)
-    groups = [np.asarray(v) for v in strata.values()]
-    if not groups:
-        return None
-    if all(len(g) < 2 for g in groups):  # resampling within strata of one item reproduces the score exactly
+    groups = [np.asarray(g) for g in resampling_strata(recs)]
+    if sum(len(g) for g in groups) < 2:  # one item resamples to itself: no interval to give
         return {"low": None, "high": None, "resamples": 0, "scored_resamples": 0,
-                "method": "not computed: one item per sub-scenario leaves nothing to resample (raise --limit)"}
+                "method": "not computed: a single item leaves nothing to resample"}
     if p.name == "toxicity":
         from comptrust.perspectives.toxicity import resolve_scorer
 
@@ -458,7 +469,8 @@ def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Reco
         return None
     return {"low": float(np.percentile(vals, 2.5)), "high": float(np.percentile(vals, 97.5)), "resamples": b,
             "scored_resamples": len(vals),
-            "method": "percentile bootstrap over items, stratified by sub-scenario, scored by the perspective's metric"}
+            "method": "percentile bootstrap over items, stratified by sub-scenario (single-item ones pooled), scored "
+                      "by the perspective's metric"}
 
 
 def write_outputs(result: EvalResult, records: dict[str, list[Record]], opts: EvalOptions, config: Any = None) -> None:
