@@ -104,8 +104,9 @@ def study_command(
     from comptrust.study.runner import run_study
 
     # llm-compressor's per-layer bars and log lines, transformers' and torch's warnings: into DIR/comptrust.log
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with third_party_to_log(Path(out) / "comptrust.log"):
+    from comptrust.evaluate import check_out_dir
+
+    with third_party_to_log(check_out_dir(Path(out)) / "comptrust.log"):  # check_out_dir: one-line errors
         analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address,
                              workers=workers, models_dir=models_dir)
     _print_summary(out, analysis)
