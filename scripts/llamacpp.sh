@@ -8,19 +8,26 @@
 # an empty pip cache) installs in seconds. `rm -r` that folder (or `comptrust cache clear --llama-cpp`) to rebuild.
 #
 # Cost on the 2-core CI CPU (bench/results/llamacpp_install.md; measured at load 5-9, so wall times are inflated):
-# first run 485 CPU-s (compiling libllama 334, ggml 139; the rest pip), 1,860 s wall at that load, ~4-5 min quiet;
+# first run 485 CPU-s with libllama at -O3 (compiling libllama 334, ggml 139; the rest pip), 1,860 s wall at that
+# load, ~4-5 min quiet; with libllama at -O1 (below) 365 CPU-s, 465 s wall at load 3-6;
 # with the libraries cached, 68 s wall / 15 CPU-s (pip installing the Python package from the cached sdist).
 #
-# Knobs: COMPTRUST_LLAMACPP_VERSION (default below), CMAKE_BUILD_PARALLEL_LEVEL (default: all cores). Portable CPU
-# build (GGML_NATIVE=OFF: AVX2/FMA/F16C, no AVX-512), as the previous `CMAKE_ARGS=-DGGML_NATIVE=OFF pip install` was.
+# libllama itself (model graphs, loader, sampler: not the matrix kernels, which are ggml's and stay at -O3) is compiled
+# at -O1: 218 instead of 334 CPU-s, and a 96-token completion on the embedded model took the same time within the
+# noise of this shared machine (12.2/15.8 s vs 15.5/14.3 s, best of 3, load ~5).
+#
+# Knobs: COMPTRUST_LLAMACPP_VERSION (default below), COMPTRUST_LLAMACPP_LLAMA_OPT (libllama's optimisation flag,
+# default -O1; empty = the Release default -O3), CMAKE_BUILD_PARALLEL_LEVEL (default: all cores). Portable CPU build
+# (GGML_NATIVE=OFF: AVX2/FMA/F16C, no AVX-512), as the previous `CMAKE_ARGS=-DGGML_NATIVE=OFF pip install` was.
 set -euo pipefail
 VERSION="${COMPTRUST_LLAMACPP_VERSION:-0.3.36}"
 JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+LLAMA_OPT="${COMPTRUST_LLAMACPP_LLAMA_OPT--O1}"
 FLAGS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
        -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON "-DCMAKE_INSTALL_RPATH=\$ORIGIN")
 CC_VERSION="$(${CXX:-c++} -dumpfullversion 2>/dev/null || echo unknown)"
-KEY="$(printf '%s\n' "$VERSION" "${FLAGS[*]}" "$(uname -m)" "$CC_VERSION" | sha256sum | cut -c1-12)"
+KEY="$(printf '%s\n' "$VERSION" "${FLAGS[*]}" "$(uname -m)" "$CC_VERSION" "llama:$LLAMA_OPT" | sha256sum | cut -c1-12)"
 CACHE="${COMPTRUST_HOME:-$HOME/.cache/comptrust}/llama-cpp/$VERSION-$KEY"
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 t0=$SECONDS
@@ -46,6 +53,9 @@ if [ ! -s "$CACHE/lib/libllama.so" ]; then
   trap 'rm -rf "$work"' EXIT
   tar -xzf "$SDIST" -C "$work" "llama_cpp_python-$VERSION/vendor/llama.cpp"
   src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  if [ -n "$LLAMA_OPT" ]; then  # the last -O on the command line wins over the Release -O3
+    echo "target_compile_options(llama PRIVATE $LLAMA_OPT)" >>"$src/src/CMakeLists.txt"
+  fi
   cmake -S "$src" -B "$work/build" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
     "${FLAGS[@]}" >"$work/configure.log" 2>&1 || { tail -20 "$work/configure.log"; exit 1; }
   say "configured; compiling libllama + ggml with $JOBS jobs (the one slow step, once per $CACHE)"
