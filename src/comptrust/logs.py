@@ -34,9 +34,11 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
     path = Path(path).expanduser()
     handler = _LazyFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    # tqdm first (imported now if it was not): it bakes TQDM_* into its defaults when imported, so it must not see
+    # the variable below, which is for processes started in the block
+    tqdm_init = _silence_tqdm()
     old_env = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # for processes started in the block (tqdm reads it when imported)
-    tqdm_init = _silence_tqdm()  # for this process, where tqdm may be imported already
+    os.environ["TQDM_DISABLE"] = "1"
     hf_bars = _transformers_bars(False)  # imports transformers first: it installs its stderr handler on import
     saved = []
     for name in LOGGERS:
@@ -97,6 +99,7 @@ def _silence_tqdm():
     """Every tqdm bar created from now on is disabled (tqdm.auto's and subclasses' too: they call this __init__).
     Returns the original __init__ to restore, or None without tqdm."""
     try:
+        import tqdm.auto  # noqa: F401 -- what transformers and llm-compressor import
         import tqdm.std
     except ImportError:
         return None
