@@ -45,7 +45,8 @@ def info_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.
     if as_json:
         print(json.dumps(d, indent=2))
         return
-    print(f"study cache {d['root']}: {d['checkpoints']} checkpoints, {d['generations']} generations, "
+    gens = "unreadable" if d["generations"] is None else d["generations"]
+    print(f"study cache {d['root']}: {d['checkpoints']} checkpoints, {gens} generations, "
           f"{d['bytes'] / 2**20:.1f} MiB")
     print(f"llama.cpp builds {_llama_dir()}: {len(d['llama_cpp_builds'])} ({d['llama_cpp_bytes'] / 2**20:.1f} MiB)")
 
@@ -58,7 +59,8 @@ def clear_command(
     from comptrust.study import reuse
 
     was = reuse.clear()
-    print(f"cleared {was['root']}: {was['checkpoints']} checkpoints, {was['generations']} generations, "
+    gens = "unreadable" if was["generations"] is None else was["generations"]
+    print(f"cleared {was['root']}: {was['checkpoints']} checkpoints, {gens} generations, "
           f"{was['bytes'] / 2**20:.1f} MiB")
     if llama_cpp:
         n = _size(_llama_dir())

@@ -137,3 +137,16 @@ def test_a_damaged_generation_cache_only_costs_the_reuse(home, tmp_path, capsys)
         assert a.count_generations() == 1
     err = capsys.readouterr().err
     assert "warning: study cache:" in err and "the study goes on" in err
+
+
+def test_cache_clear_removes_a_damaged_cache(home):
+    from typer.testing import CliRunner
+
+    from comptrust.cli import app
+
+    reuse.cache_root().mkdir(parents=True)
+    (reuse.cache_root() / "generations.sqlite").write_bytes(b"garbage" * 100)
+    r = CliRunner().invoke(app, ["cache", "info"])
+    assert r.exit_code == 0 and "unreadable generations" in r.output
+    r = CliRunner().invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0 and not reuse.cache_root().exists()
