@@ -9,10 +9,10 @@ print("ethics:", r.score("ethics"), "refusals:", r.perspectives["ethics"].refusa
 ck = comptrust.compress(method="rtn", bits=8, out="runs/nb-rtn-w8")
 print("compressed:", ck.label, "perplexity", ck.record["checks"]["perplexity"])
 
-# 3. a tiny study: dense vs two compressions, two perspectives, a dict with the study file's keys
+# 3. a tiny study: dense vs 8-bit RTN, two perspectives, a dict with the study file's keys
 study = comptrust.run_study(
-    {"variants": ["dense", {"method": "rtn", "bits": 8}, {"method": "magnitude", "structure": "2:4"}],
-     "perspectives": ["ethics", "stereotype"], "limit": 1, "bootstrap": 50},
+    {"variants": ["dense", {"method": "rtn", "bits": 8}], "perspectives": ["ethics", "stereotype"],
+     "limit": 1, "bootstrap": 50},
     out="runs/nb-study",
 )
 df = study.to_pandas()  # one row per variant, seed and perspective
