@@ -25,6 +25,15 @@ def stage(msg: str, stream: TextIO | None = None) -> None:
     print(f"[comptrust] {msg}", file=s, flush=True)
 
 
+def _short_label(label: str, width: int = 36) -> str:
+    """'generating (toxicity, stereotype, ... mmlu)' -> 'generating (9 perspectives)': a long label took the
+    terminal's width from the bar, and rich cut off the ETA column."""
+    if len(label) <= width or " (" not in label:
+        return label
+    head, _, rest = label.partition(" (")
+    return f"{head} ({rest.rstrip(')').count(',') + 1} perspectives)"
+
+
 def _clock(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -77,7 +86,7 @@ class GenerationProgress:
     def start(self, total: int, label: str) -> None:
         if self.total or total == 0 or self.mode == "off":
             return
-        self.total, self.label = total, label
+        self.total, self.label = total, _short_label(label)
         self.t0 = time.time()
         # the weights load on the engine's first batch (seconds to minutes): say so before the bar sits at 0
         stage(f"{total} prompts to answer; loading the model weights (first batch), then generating", self.stream)
@@ -106,7 +115,7 @@ class GenerationProgress:
             console=_console(self.stream),
         )
         self.bar.start()
-        self.task = self.bar.add_task(label, total=total, rate="")
+        self.task = self.bar.add_task(self.label, total=total, rate="")
 
     def engine_started(self) -> None:
         """The first batch is about to be generated (the model loads first: its time is not a generation rate)."""
