@@ -9,7 +9,8 @@ run killed mid-evaluation regenerates nothing that was committed. A failing unit
 the study goes on; a rerun retries failed and pending units and skips done ones. Every unit stores the
 fingerprint of what produced it, and a unit whose settings changed since is redone rather than reused.
 
-All of a model's pending perspectives are generated in one engine call (one model load, full batches), then
+All of a model's pending perspectives are generated with one model load (each perspective in batches of its own,
+so its score does not depend on which others were pending), then
 recorded one unit per perspective.
 """
 
@@ -44,6 +45,7 @@ from comptrust.study.plan import (  # noqa: F401
 )
 from comptrust.study.spec import DENSE, StudySpec, Variant  # noqa: F401 -- DENSE: re-exported for ray_executor
 from comptrust.types import Record
+
 
 def _one_line(e: BaseException) -> str:
     """A unit's error as stored and printed: one line, secrets redacted (it lands in comptrust.sqlite,

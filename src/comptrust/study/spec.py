@@ -48,6 +48,8 @@ TOP_KEYS = {
                 "is above -budget) | point (the worst seed's point estimate within budget)",
     "max_ppl_ratio": "held-out perplexity ratio (compressed / dense) above which a variant is flagged degenerate "
                      "(default 2)",
+    "preset": "start from a preset's keys (dct-llama2-13b-chat, dct-llama2-13b, dct-vicuna-13b: the paper's grid); "
+              "the file's other keys override them",
     "compare_to": "a model of the paper's published scores to print beside yours (default: the study's model when "
                   "it is one of them)",
     "adaptive": "true, or {looks, start_limit, max_limit, max_generations, max_seconds}: evaluate in rounds of further "
@@ -69,6 +71,7 @@ VARIANT_KEYS = {
     "seq_len": "max tokens per calibration sample",
     "awq_grid": "AWQ grid points",
     "seeds": "calibration seeds, e.g. [0, 1, 2] (default [0])",
+    "actorder": "gptq: activation ordering, group (AutoGPTQ's desc_act, as in the paper) or weight (default: off)",
     "quant": "gguf: llama.cpp quantization of the model's GGUF (Q8_0, Q6_K, Q4_K_M, ...); omit to serve it as is",
     "file": "gguf: a GGUF file to serve instead",
 }
@@ -325,8 +328,13 @@ def _unknown(key: str, valid: dict[str, str], where: str) -> str:
     return f"unknown key '{key}' in {where}{did}; valid: {', '.join(valid)}"
 
 
-def parse_spec(data: Any, source: str = "<default>", text: str | None = None) -> StudySpec:
+def parse_spec(data: Any, source: str = "<default>", text: str | None = None, preset: str | None = None) -> StudySpec:
+    """Validate a study (a mapping of study keys). preset: a preset whose keys the mapping's override (as the
+    mapping's own ``preset:`` key does)."""
+    from comptrust.study.presets import merge
+
     lines = _Lines(text) if text is not None else None
+    data = merge(data, preset)
 
     def fail(msg: str, *path: Any) -> UsageError:
         line = lines.at(*path) if lines else None
@@ -550,10 +558,10 @@ def _auto_name(cfg: CompressionConfig) -> str:
     return method(cfg.method).auto_name(cfg)
 
 
-def load_spec(path: Path | None) -> StudySpec:
-    """The study in `path`, or the default study when path is None."""
+def load_spec(path: Path | None, preset: str | None = None) -> StudySpec:
+    """The study in `path`, or the default study when path is None; over the keys of `preset` when given."""
     if path is None:
-        return parse_spec({}, "<default study>")
+        return parse_spec({}, f"<preset {preset}>" if preset else "<default study>", preset=preset)
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -575,7 +583,7 @@ def load_spec(path: Path | None) -> StudySpec:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UsageError(f"{path}{line}: malformed YAML: {problem}") from None
-    return parse_spec(data, str(path), text)
+    return parse_spec(data, str(path), text, preset=preset)
 
 
 EXAMPLE_PATH = Path(__file__).parent / "example.yaml"
