@@ -100,11 +100,10 @@ def study_command(
         doc = run_adaptive(spec, out, Settings.of(spec.adaptive or True), progress=progress)
         _print_adaptive(out, doc)
         return
-    from comptrust.logs import third_party_to_log
-    from comptrust.study.runner import run_study
-
     # llm-compressor's per-layer bars and log lines, transformers' and torch's warnings: into DIR/comptrust.log
     from comptrust.evaluate import check_out_dir
+    from comptrust.logs import third_party_to_log
+    from comptrust.study.runner import run_study
 
     with third_party_to_log(check_out_dir(Path(out)) / "comptrust.log"):  # check_out_dir: one-line errors
         analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address,
