@@ -410,7 +410,7 @@ OFF_PROTOCOL_NOTE = ("not DecodingTrust: decoding settings were overridden with 
                      "comparable with DecodingTrust's or with protocol runs")
 
 
-class _MemoScorer:
+class MemoScorer:
     """A toxicity scorer that remembers its texts' scores: bootstrap resamples re-score the same texts."""
 
     def __init__(self, inner: Any):
@@ -454,7 +454,7 @@ def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Reco
     if p.name == "toxicity":
         from comptrust.perspectives.toxicity import resolve_scorer
 
-        popts = replace(popts, extra={**popts.extra, "toxicity_scorer": _MemoScorer(resolve_scorer(popts))})
+        popts = replace(popts, extra={**popts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(popts))})
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(b):

@@ -44,7 +44,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from comptrust import perspectives as registry
-from comptrust.evaluate import options_for
+from comptrust.evaluate import MemoScorer, options_for, resampling_strata
 from comptrust.perspectives.base import EvalOptions, MissingData
 from comptrust.study.plan import Plan, compress_unit, eval_unit
 from comptrust.study.spec import DENSE, StudySpec
@@ -153,19 +153,6 @@ def _gs_boundaries(alpha: float, fractions: tuple[float, ...]) -> tuple[float, .
 # records and bootstrap
 
 
-class _MemoScorer:
-    """Wraps a toxicity scorer so that bootstrap resamples re-use the scores of texts already seen."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.name, self.memo = inner, inner.name, {}
-
-    def score(self, texts: list[str]) -> list[float | None]:
-        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if new:
-            self.memo.update(zip(new, self.inner.score(new)))
-        return [self.memo[t] for t in texts]
-
-
 def _records(unit: dict[str, Any], by_id: dict[str, Any]) -> list[Record]:
     out = []
     for c in unit["result"]["records"]:
@@ -176,19 +163,9 @@ def _records(unit: dict[str, Any], by_id: dict[str, Any]) -> list[Record]:
 
 
 def _strata(records: Sequence[Record]) -> list[np.ndarray]:
-    """Resampling strata: one per sub-scenario, except that single-item sub-scenarios are pooled into one stratum
-    (collapsed strata: a stratum of one item resamples to itself and would contribute no variance at all, e.g.
-    every sub-scenario at limit 1); a lone single-item stratum joins the smallest other one."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(r.item.group, []).append(i)
-    big = [v for v in groups.values() if len(v) > 1]
-    small = [i for v in groups.values() if len(v) == 1 for i in v]
-    if len(small) > 1 or (small and not big):
-        big.append(small)
-    elif small:
-        min(big, key=len).extend(small)
-    return [np.asarray(sorted(v)) for v in big]
+    """evaluate.resampling_strata (single-item sub-scenarios pooled) as index arrays: one rule for a single
+    evaluation's CI and a study's."""
+    return [np.asarray(v) for v in resampling_strata(records)]
 
 
 def stratum_correction(sizes: Sequence[int]) -> float:
@@ -334,7 +311,7 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
         if pname == "toxicity":
             from comptrust.perspectives.toxicity import resolve_scorer
 
-            popts = replace(popts, extra={**popts.extra, "toxicity_scorer": _MemoScorer(resolve_scorer(popts))})
+            popts = replace(popts, extra={**popts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(popts))})
         done = {
             inst: stored[eval_unit(inst, pname)]
             for insts in instances.values()
