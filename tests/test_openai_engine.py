@@ -241,7 +241,11 @@ def test_cli_evaluates_a_served_model(fake, tmp_path):
          "--limit", "1", "--out", str(tmp_path / "bad"), "--no-progress"],
         capture_output=True, text=True, timeout=300,
     )
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nosuch" in bad.stderr, bad.stderr
+    # stage lines ("[comptrust] resolving model ...") may come first; the error is one line, and the last
+    errors = [x for x in bad.stderr.splitlines() if not x.startswith("[comptrust] ")]
+    assert bad.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: ") and "nosuch" in errors[0], \
+        bad.stderr
+    assert bad.stderr.splitlines()[-1] == errors[0]
 
 
 def test_unreachable_endpoint():
