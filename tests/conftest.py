@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before anything imports torch (see comptrust/__init__)
-# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, and so do the CLI
+# Under pytest-xdist (`make test PYTEST_ARGS="-q -n 2 --dist loadgroup"`) each worker gets its share of the cores, and so do the CLI
 # subprocesses it starts (they inherit the variable; comptrust.cpu.cpu_threads() reads it). Two workers at all
 # cores each would put 4 threads on 2 cores, where every OpenMP barrier waits for a descheduled thread.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
