@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from scipy import optimize, stats
@@ -575,6 +575,19 @@ def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
 # the recommendation
 
 
+def _complete_rows(spec: StudySpec, variants: dict[str, Any], rejected: dict[str, str]) -> Iterator[tuple[Any, Any]]:
+    """(variant, row) of each compressed variant with every unit done; an incomplete one goes into `rejected` with
+    what is missing (neither decision rule recommends it)."""
+    for v in spec.variants:
+        if v.is_dense:
+            continue
+        row = variants[v.name]
+        if not row["complete"]:
+            rejected[v.name] = f"incomplete (no result for {', '.join(row['missing'])})"
+            continue
+        yield v, row
+
+
 def recommend(spec: StudySpec, variants: dict[str, Any], dense_name: str) -> dict[str, Any]:
     dense = variants[dense_name]
     if not dense["complete"]:
@@ -595,13 +608,7 @@ def recommend_noninferiority(spec: StudySpec, variants: dict[str, Any], dense_na
     that would decide them, and dense is advised only when every variant is decided against or flagged."""
     b = spec.budget
     kept, rejected, undecided = [], {}, {}
-    for v in spec.variants:
-        if v.is_dense:
-            continue
-        row = variants[v.name]
-        if not row["complete"]:
-            rejected[v.name] = f"incomplete (no result for {', '.join(row['missing'])})"
-            continue
+    for v, row in _complete_rows(spec, variants, rejected):
         cells = {p: c for p, c in row["perspectives"].items() if c.get("verdict")}
         losing = {p: c for p, c in cells.items() if c["verdict"]["verdict"] == LOSES}
         flagged = {p: c for p, c in cells.items() if c.get("flags")}
@@ -682,13 +689,7 @@ def recommend_point(spec: StudySpec, variants: dict[str, Any], dense_name: str) 
     seed (point estimates); flagged cells still block it."""
     budget = spec.budget
     kept, rejected = [], {}
-    for v in spec.variants:
-        if v.is_dense:
-            continue
-        row = variants[v.name]
-        if not row["complete"]:
-            rejected[v.name] = f"incomplete (no result for {', '.join(row['missing'])})"
-            continue
+    for v, row in _complete_rows(spec, variants, rejected):
         drops = {p: c["delta_worst"] for p, c in row["perspectives"].items() if c.get("delta_worst") is not None}
         flagged = {p: c["flags"] for p, c in row["perspectives"].items() if c.get("flags")}
         worst_p = min(drops, key=drops.get) if drops else None
