@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ["COMPTRUST_STUDY_CACHE"] = "off"
 
-from comptrust.evaluate import STORE_NAME  # noqa: E402
+from comptrust.store import STORE_NAME  # noqa: E402
 from comptrust.store import Store  # noqa: E402
 from comptrust.study.adaptive import Settings, generated, run_adaptive  # noqa: E402
 from comptrust.study.runner import run_study  # noqa: E402

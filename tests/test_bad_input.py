@@ -177,7 +177,8 @@ def test_failed_check_leaves_no_empty_out_folder(tmp_path):
 
 
 def test_discard_if_unused_keeps_a_folder_with_work(tmp_path):
-    from comptrust.evaluate import STORE_NAME, discard_if_unused
+    from comptrust.evaluate import discard_if_unused
+    from comptrust.store import STORE_NAME
     from comptrust.store import Store
 
     empty = tmp_path / "empty"

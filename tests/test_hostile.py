@@ -459,7 +459,7 @@ def test_report_with_a_damaged_unit_shows_it_as_failed(tmp_path, stored):
 _WRITER = """
 import sys
 from pathlib import Path
-from comptrust.evaluate import write_atomic
+from comptrust.store import write_atomic
 p = Path(sys.argv[1])
 for i in range(300):
     write_atomic(p, sys.argv[2] * 2000 + str(i))
@@ -508,7 +508,7 @@ def test_a_second_process_on_one_out_folder_is_told_the_pid(tmp_path):
 _PAIR = """
 import resource, signal, sys
 from pathlib import Path
-from comptrust.evaluate import write_atomic_many
+from comptrust.store import write_atomic_many
 d = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

@@ -210,8 +210,7 @@ def load_study(out: str | Path) -> StudyResult:
     Args:
         out: a folder written by :func:`run_study` or ``comptrust study --out``.
     """
-    from comptrust.evaluate import STORE_NAME
-    from comptrust.store import Store
+    from comptrust.store import STORE_NAME, Store
     from comptrust.study.plan import Plan
     from comptrust.study.plan import load_study as load_spec_of
 

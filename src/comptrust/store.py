@@ -358,3 +358,68 @@ class Store:
                 "INSERT OR REPLACE INTO kv(ns, key, value, created) VALUES (?, ?, ?, ?)",
                 [(ns, k, json.dumps(v), now) for k, v in items.items()],
             )
+
+
+# --- files beside the store: results written whole or not at all ---
+
+STORE_NAME = "comptrust.sqlite"  # the store's file name in every --out folder
+
+
+def _write_temp(path: Path, text: str) -> Path:
+    """`text` in a new temp file beside `path`, fsynced. The name is unique (two processes writing the same
+    file never share a temp: they did, and one's rename found the other's temp gone). A failed write removes
+    its partial temp and raises OSError naming `path`."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, path) from None
+        raise
+    return tmp
+
+
+def _write_error(e: OSError, path: Path) -> OSError:
+    """The OSError of a failed write, naming the file (not the temp) and marked as a write for cli.main."""
+    err = OSError(e.errno, e.strerror, str(path))
+    err.comptrust_write = True  # type: ignore[attr-defined]
+    return err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, text: str) -> None:
+    write_atomic_many([(path, text)])
+
+
+def write_atomic_many(files: Sequence[tuple[Path, str]]) -> None:
+    """Replace several files as one step as far as a failure goes: every temp is written first, and only when
+    all are complete are they renamed into place. A disk that fills up mid-way leaves the old files, all of
+    them, and no temp; the OSError names the file that could not be written."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files:
+            temps.append((_write_temp(Path(path), text), Path(path)))
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in temps:
+        try:
+            tmp.replace(path)
+        except OSError as e:
+            for t, _ in temps:
+                t.unlink(missing_ok=True)
+            raise _write_error(e, path) from None

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comptrust.evaluate import STORE_NAME, options_for
+from comptrust.evaluate import options_for
 from comptrust.report import write_report
 from comptrust import perspectives as registry
-from comptrust.store import Store
+from comptrust.store import STORE_NAME, Store
 from comptrust.study.analysis import _p_value
 from comptrust.study.runner import SPEC_NAME, Plan, _compact, compress_unit, eval_options, eval_unit
 from comptrust.study.spec import parse_spec

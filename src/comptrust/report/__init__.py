@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from comptrust.errors import UsageError
-from comptrust.evaluate import STORE_NAME, write_atomic
 from comptrust.report import charts
-from comptrust.store import Store
+from comptrust.store import STORE_NAME, Store, write_atomic
 
 # the paper's result sheet order: benign accuracy first, then the eight trust perspectives
 COLUMN_ORDER = ["mmlu", "advglue", "ood", "adv_demo", "ethics", "fairness", "toxicity", "privacy", "stereotype"]

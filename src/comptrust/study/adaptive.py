@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from comptrust.evaluate import STORE_NAME, check_out_dir, options_for, write_atomic
+from comptrust.evaluate import check_out_dir, options_for
+from comptrust.store import STORE_NAME, write_atomic
 from comptrust.study.analysis import (
     KEEPS,
     LOSES,

@@ -134,8 +134,7 @@ def _print_status(out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from comptrust.evaluate import STORE_NAME
-    from comptrust.store import Store
+    from comptrust.store import STORE_NAME, Store
     from comptrust.study.plan import Plan, load_study
 
     spec = load_study(out)

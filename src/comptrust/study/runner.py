@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from comptrust.errors import ComptrustError, UsageError, check_interrupted
-from comptrust.evaluate import STORE_NAME, check_out_dir, write_atomic
+from comptrust.evaluate import check_out_dir
 from comptrust.perspectives.base import EvalOptions
-from comptrust.store import Store
+from comptrust.store import STORE_NAME, Store, write_atomic
 
 # the plan (units, ids, fingerprints, the study's EvalConfig) lives in study/plan.py, below this module and the
 # report; re-exported here for callers that import it from the runner
