@@ -189,7 +189,7 @@ def _features(lex: ts.Lexicon, texts: list[str]) -> tuple[np.ndarray, np.ndarray
     X, Z = [], []
     for t, p in zip(texts, pc):
         hits = lex.analyze(t)
-        X.append([ts._logit(float(p)), *lex.features(hits)])
+        X.append([ts.lexicon._logit(float(p)), *lex.features(hits)])
         Z.append(sum(c["weight"] * math.log1p(hits.categories[n]) for n, c in lex.categories.items()))
     return np.array(X), np.array(Z)[:, None]
 
