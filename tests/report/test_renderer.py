@@ -109,8 +109,11 @@ _VERSIONED = ("python", "comptrust", "torch", "transformers", "llmcompressor", "
               "alt-profanity-check")
 
 
-def _mask(html: str) -> str:
-    """Timestamps and this machine's package versions out of a report."""
+def _mask(html: str, out: Path) -> str:
+    """The study folder's path, timestamps, this machine's package versions and matplotlib's random SVG ids
+    out of a report."""
+    html = html.replace(str(out), "<out>")
+    html = re.sub(r"\b(p|m|image)[0-9a-f]{10}\b", r"\1<id>", html)
     html = re.sub(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ?[A-Za-z+0-9:]*", "<time>", html)
     for pkg in _VERSIONED:
         html = re.sub(rf"<td>{re.escape(pkg)}</td><td>[^<]*</td>", f"<td>{pkg}</td><td>v</td>", html)
@@ -131,7 +134,7 @@ def test_same_store_gives_the_same_csv_and_html(tmp_path):
     scripted_study(tmp_path)
     _write_report(tmp_path)
     csv_now = (tmp_path / "results.csv").read_text(encoding="utf-8")
-    html_now = _mask((tmp_path / "report.html").read_text(encoding="utf-8"))
+    html_now = _mask((tmp_path / "report.html").read_text(encoding="utf-8"), tmp_path)
     if os.environ.get("COMPTRUST_REGEN_GOLDEN"):
         GOLDEN.mkdir(exist_ok=True)
         (GOLDEN / "results.csv").write_text(csv_now, encoding="utf-8")
