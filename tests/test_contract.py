@@ -36,6 +36,15 @@ def test_all_nine_registered():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_declares_what_the_cli_and_report_show(name):
+    # `comptrust perspectives`, --help and the report read these from the class: nothing else names a perspective
+    cls = type(registry.get(name))
+    assert cls.name == name
+    assert cls.title.strip() and cls.description.strip(), f"{name}: title and description must be set"
+    assert "\n" not in cls.description and len(cls.description) < 240
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_mini_suite_loads_with_unique_ids_and_sane_params(name, loaded_all):
     _, loaded = loaded_all
     ld = loaded[name]

@@ -317,27 +317,6 @@ def _print_scores(result) -> None:
     )
 
 
-# what each perspective measures, in a line (the score is 0-100, higher = more trustworthy / more accurate)
-DESCRIPTIONS = {
-    "toxicity": "continues toxic / benign prompts under benign and adversarial system prompts; 100 x (1 - expected "
-                "max toxicity of the continuations)",
-    "stereotype": "agree / disagree with stereotype statements under benign, untargeted and targeted system "
-                  "prompts; 100 x (1 - agreement)",
-    "advglue": "GLUE tasks (SST-2, QQP, MNLI, ...) on adversarially perturbed inputs; robust accuracy",
-    "ood": "out-of-distribution styles (Shakespearean, poetry, ...) and questions past the knowledge cut-off "
-           "(refusing is right); accuracy and refusal",
-    "adv_demo": "in-context demonstrations that are counterfactual, spuriously correlated or backdoored; accuracy",
-    "privacy": "leaks of Enron e-mail addresses and of PII placed in the context, understanding of privacy "
-               "events; 100 x (1 - leak rate)",
-    "ethics": "ETHICS commonsense morality under zero-/few-shot, jailbreak and evasive framings: how reliably "
-              "immoral actions are recognised",
-    "fairness": "income prediction (Adult census rows) across base-rate parity settings: gaps in predictions "
-                "between groups (demographic parity, equalized odds)",
-    "mmlu": "MMLU 57 subjects, 5-shot, generative (the first letter of the answer): benign accuracy, not lm-eval's "
-            "log-likelihood mmlu",
-}
-
-
 @app.command("perspectives")
 def list_perspectives(
     limit: list[int] = typer.Option(
@@ -368,10 +347,11 @@ def _print_perspectives(limits: list[int], as_json: bool = False) -> None:
         runs[f"--limit {lim}"] = load_perspectives(names, EvalConfig(limit=lim).to_options())[0]
     rows = []
     for name in registry.REGISTRY:
-        row: dict = {"perspective": name, "available": name in avail, "description": DESCRIPTIONS.get(name, "")}
+        row: dict = {"perspective": name, "available": name in avail, "description": ""}
         if name in runs["mini"]:
             p, ld, _ = runs["mini"][name]
             row["title"] = p.title
+            row["description"] = p.description
             row["sub_scenarios"] = list(dict.fromkeys(it.group for it in ld.items))
             for label, loaded in runs.items():
                 items = loaded[name][1].items if name in loaded else []

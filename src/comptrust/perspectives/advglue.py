@@ -102,6 +102,7 @@ class AdvGlue(Perspective):
     name = "advglue"
     lite_limit = 10  # items per sub-scenario in the lite profile
     title = "Adversarial robustness (AdvGLUE++)"
+    description = "GLUE tasks (SST-2, QQP, MNLI, ...) on adversarially perturbed inputs; robust accuracy"
     version = 1
 
     def _files(self, opts: EvalOptions) -> tuple[list[tuple[str, Any]], list[str], list[str]]:

@@ -87,6 +87,7 @@ class Perspective:
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # what it measures, in a line (`comptrust perspectives` prints it)
     version: ClassVar[int] = 1
     lite_limit: ClassVar[int] = 20  # items per sub-scenario in the lite profile (subclasses set their own)
 

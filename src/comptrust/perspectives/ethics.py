@@ -110,6 +110,10 @@ class Ethics(Perspective):
     name = "ethics"
     lite_limit = 6  # items per sub-scenario in the lite profile
     title = "Machine ethics"
+    description = (
+        "ETHICS commonsense morality under zero-/few-shot, jailbreak and evasive framings: how reliably "
+        "immoral actions are recognised"
+    )
     version = 1
 
     def load(self, opts: EvalOptions) -> Loaded:

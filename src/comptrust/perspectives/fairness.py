@@ -169,6 +169,10 @@ class Fairness(Perspective):
     name = "fairness"
     lite_limit = 10  # items per sub-scenario in the lite profile
     title = "Fairness"
+    description = (
+        "income prediction (Adult census rows) across base-rate parity settings: gaps in predictions "
+        "between groups (demographic parity, equalized odds)"
+    )
     version = 1
 
     def load(self, opts: EvalOptions) -> Loaded:

@@ -159,6 +159,10 @@ class MMLU(Perspective):
     name = "mmlu"
     lite_limit = 2  # items per sub-scenario in the lite profile
     title = "MMLU (benign accuracy)"
+    description = (
+        'MMLU 57 subjects, 5-shot, generative (the first letter of the answer): benign accuracy, not '
+        "lm-eval's log-likelihood mmlu"
+    )
     version = 1
 
     def _source(self, opts: EvalOptions) -> tuple[dict[str, dict[str, list[tuple[int, Row]]]], list[str], str]:

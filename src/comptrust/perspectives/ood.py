@@ -155,6 +155,10 @@ class OOD(Perspective):
     name = "ood"
     lite_limit = 4  # items per sub-scenario in the lite profile
     title = "Out-of-distribution robustness"
+    description = (
+        "out-of-distribution styles (Shakespearean, poetry, ...) and questions past the knowledge cut-off "
+        "(refusing is right); accuracy and refusal"
+    )
     version = 1
 
     def load(self, opts: EvalOptions) -> Loaded:

@@ -150,6 +150,10 @@ class Privacy(Perspective):
     name = "privacy"
     lite_limit = 2  # items per sub-scenario in the lite profile
     title = "Privacy"
+    description = (
+        "leaks of Enron e-mail addresses and of PII placed in the context, understanding of privacy "
+        "events; 100 x (1 - leak rate)"
+    )
     version = 1
 
     # ------------------------------------------------------------------------------------------------ load

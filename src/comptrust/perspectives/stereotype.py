@@ -143,6 +143,10 @@ class Stereotype(Perspective):
     name = "stereotype"
     lite_limit = 32  # items per sub-scenario in the lite profile
     title = "Stereotype bias"
+    description = (
+        "agree / disagree with stereotype statements under benign, untargeted and targeted system "
+        "prompts; 100 x (1 - agreement)"
+    )
     version = 1
 
     def load(self, opts: EvalOptions) -> Loaded:

@@ -174,6 +174,10 @@ class Toxicity(Perspective):
     name = "toxicity"
     lite_limit = 6  # items per sub-scenario in the lite profile
     title = "Toxicity"
+    description = (
+        "continues toxic / benign prompts under benign and adversarial system prompts; 100 x (1 - "
+        "expected max toxicity of the continuations)"
+    )
     version = 1
 
     def load(self, opts: EvalOptions) -> Loaded:
