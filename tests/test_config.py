@@ -133,3 +133,23 @@ def test_perspective_base_declares_what_callers_use():
         p = registry.get(name)
         assert list(inspect.signature(type(p).parse).parameters) == list(base), name
         assert isinstance(p.lite_limit, int) and p.lite_limit > 0
+
+
+def test_every_perspectives_args_are_run_config_keys():
+    # a perspective declares its settings in its own module (Args); the run config inherits them all, so a new
+    # perspective's setting is a study key, an API keyword and fingerprinted without touching this module's body
+    from comptrust import perspectives as registry
+    from comptrust.perspectives.base import PerspectiveArgs
+
+    for name in registry.REGISTRY:
+        args = type(registry.get(name)).Args
+        assert issubclass(args, PerspectiveArgs)
+        assert args is PerspectiveArgs or issubclass(EvalConfig, args), f"{name}: EvalConfig must inherit {args.__name__}"
+        for key, field in args.model_fields.items():
+            assert PERSPECTIVE_ARGS[key] == name
+            assert key.startswith(name.split("_")[0]) or key == "context_tokenizer", f"{key}: prefix it with {name}"
+            assert field.description and field.description.startswith(f"{name}:")
+            assert EvalConfig.keys()[key] == field.description
+    # a value a perspective's Args refuses is refused by the run config, naming the key
+    with pytest.raises(ConfigError, match=r"^mmlu_context_tokens 0: must be positive$"):
+        EvalConfig.build(mmlu_context_tokens=0)

@@ -6,9 +6,11 @@ three build an :class:`EvalConfig`; a key one of them does not know is refused (
 is a one-line error naming the key, and :meth:`EvalConfig.fingerprint` is what scores.json records and what a
 study unit's fingerprint is made from, so a setting that changes scores always invalidates stored results.
 
-Per-perspective settings (toxicity scorer, AdvGLUE tasks, ...) are typed fields here too, listed in
-:data:`PERSPECTIVE_ARGS` with the perspective that reads them; they reach the perspective through
-``EvalOptions.extra`` under the same name, and a unit's fingerprint covers only its own perspective's ones.
+Per-perspective settings (toxicity scorer, AdvGLUE tasks, ...) are declared by each perspective, in its module,
+as a typed ``Args`` model (``perspectives.base.PerspectiveArgs``); EvalConfig inherits them all, so they are
+validated, described and fingerprinted like the rest. :data:`PERSPECTIVE_ARGS` (derived) maps each to its
+perspective; they reach the perspective through ``EvalOptions.extra`` under the same name, and a unit's
+fingerprint covers only its own perspective's ones.
 
 Layer: above perspectives (it builds their ``EvalOptions``), below evaluate/study/api/cli.
 """
@@ -21,22 +23,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from comptrust.errors import UsageError
+from comptrust.perspectives.advglue import AdvGlue, AdvGlueArgs
+from comptrust.perspectives.mmlu import MMLU, MMLUArgs
+from comptrust.perspectives.privacy import Privacy, PrivacyArgs
+from comptrust.perspectives.toxicity import Toxicity, ToxicityArgs
 
 SUITES = ("mini", "dt")
 PROFILES = ("mini", "lite", "full")  # the same tuple as perspectives.base.PROFILES (checked by a test)
 BACKENDS = ("auto", "hf", "vllm", "llamacpp")  # engine.select.BACKENDS (checked by a test)
 
+# the perspectives that declare settings: EvalConfig inherits their Args (tests/test_config.py checks that every
+# registered perspective's Args is here)
+WITH_ARGS = (Toxicity, AdvGlue, MMLU, Privacy)
 # config field -> the perspective that reads it (from EvalOptions.extra, under the field's name)
-PERSPECTIVE_ARGS: dict[str, str] = {
-    "toxicity_scorer": "toxicity",
-    "advglue_tasks": "advglue",
-    "advglue_dev": "advglue",
-    "mmlu_context_tokens": "mmlu",
-    "context_tokenizer": "privacy",
-}
+PERSPECTIVE_ARGS: dict[str, str] = {k: p.name for p in WITH_ARGS for k in p.Args.model_fields}
 # the engine's knobs: they change outputs only through the engine, whose fingerprint (part of every cache key
 # and of every stored score) already names them, so they stay out of EvalConfig.fingerprint
 ENGINE_KEYS = ("backend", "device", "dtype", "batch_size")
@@ -50,7 +53,7 @@ class ConfigError(UsageError):
         self.key = key
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(ToxicityArgs, AdvGlueArgs, MMLUArgs, PrivacyArgs):
     """What to run: data, profile, sampling, fidelity switches, engine knobs and per-perspective arguments.
 
     Build it with :meth:`build` (one-line errors) or the constructor (pydantic's ValidationError). Frozen:
@@ -73,12 +76,7 @@ class EvalConfig(BaseModel):
     device: str | None = Field(None, description="auto | cpu | cuda | cuda:N")
     dtype: str | None = Field(None, description="auto | bfloat16 | float16 | float32")
     batch_size: int | None = Field(None, description="max prompts per generation batch (default: packed by a token budget)")
-    # per-perspective arguments (PERSPECTIVE_ARGS)
-    toxicity_scorer: str | None = Field(None, description="toxicity: scorer name (offline | profanity-check | lexicon | hf:MODEL | perspective)")
-    advglue_tasks: list[str] | None = Field(None, description="advglue: extra tasks (mnli-mm, qnli, rte) besides sst2, qqp, mnli")
-    advglue_dev: bool | None = Field(None, description="advglue: also score the original AdvGLUE dev set (true), never (false)")
-    mmlu_context_tokens: int | None = Field(None, description="mmlu: context budget in tokens for the 5-shot prompt")
-    context_tokenizer: str | None = Field(None, description="privacy: tokenizer that cuts the Enron context")
+    # per-perspective arguments: inherited from each perspective's Args (PERSPECTIVE_ARGS)
     # off-protocol decoding (comptrust.genkwargs); part of the fingerprint, and scores are marked not DecodingTrust
     gen_kwargs: str | None = Field(None, description="off-protocol decoding for every prompt, e.g. "
                                    "'temperature=0.7,max_new_tokens=64' (not DecodingTrust: outputs are marked)")
@@ -124,7 +122,7 @@ class EvalConfig(BaseModel):
             raise ValueError("must be a positive number of samples")
         return v
 
-    @field_validator("batch_size", "mmlu_context_tokens")
+    @field_validator("batch_size")
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
@@ -166,7 +164,9 @@ class EvalConfig(BaseModel):
     @classmethod
     def keys(cls) -> dict[str, str]:
         """Every key with its one-line description (for study-file help and 'valid:' lists)."""
-        return {k: f.description or "" for k, f in cls.model_fields.items()}
+        fields = cls.model_fields  # the inherited per-perspective ones last, as before
+        order = [k for k in fields if k not in PERSPECTIVE_ARGS] + [k for k in fields if k in PERSPECTIVE_ARGS]
+        return {k: fields[k].description or "" for k in order}
 
     # -- derived --------------------------------------------------------------------------------------------
     @property
@@ -243,7 +243,7 @@ def _config_error(e: ValidationError, flags: bool) -> ConfigError:
     loc = [str(x) for x in err.get("loc", ())]
     key = loc[0] if loc else None
     if err.get("type") == "extra_forbidden" and key:
-        valid = list(EvalConfig.model_fields)
+        valid = list(EvalConfig.keys())
         hint = difflib.get_close_matches(key, valid, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
         return ConfigError(f"unknown key '{key}'{did}; valid: {', '.join(valid)}", key)

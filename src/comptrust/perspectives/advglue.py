@@ -22,12 +22,15 @@ from collections import defaultdict
 from functools import lru_cache
 from typing import Any, Sequence
 
+from pydantic import Field
+
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import (
     EvalOptions,
     Loaded,
     MissingData,
     Perspective,
+    PerspectiveArgs,
     field_of,
     protocol,
     read_json,
@@ -98,9 +101,15 @@ def demo_turns(task: str) -> list[tuple[str, str]]:
     return turns
 
 
+class AdvGlueArgs(PerspectiveArgs):
+    advglue_tasks: list[str] | None = Field(None, description="advglue: extra tasks (mnli-mm, qnli, rte) besides sst2, qqp, mnli")
+    advglue_dev: bool | None = Field(None, description="advglue: also score the original AdvGLUE dev set (true), never (false)")
+
+
 class AdvGlue(Perspective):
     name = "advglue"
     lite_limit = 10  # items per sub-scenario in the lite profile
+    Args = AdvGlueArgs
     title = "Adversarial robustness (AdvGLUE++)"
     description = "GLUE tasks (SST-2, QQP, MNLI, ...) on adversarially perturbed inputs; robust accuracy"
     version = 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from comptrust.errors import UsageError
 from comptrust.types import GenParams, Item, Parsed, Prompt, Record, Score
@@ -75,6 +76,16 @@ class EvalOptions:
         return d
 
 
+class PerspectiveArgs(BaseModel):
+    """A perspective's own settings, declared in its module as a subclass (``class ToxicityArgs(PerspectiveArgs)``)
+    with typed, described fields. The run config (comptrust.config.EvalConfig) inherits every perspective's Args,
+    so each field is a study-file key, an API keyword and part of the fingerprint of that perspective's units,
+    under the field's own name (a flat, prefixed name: ``toxicity_scorer``). The perspective reads the value
+    from ``EvalOptions.extra`` under that name (where the Python API may also pass an object, e.g. a scorer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
 @dataclass
 class Loaded:
     items: list[Item]
@@ -89,6 +100,7 @@ class Perspective:
     title: ClassVar[str] = ""
     description: ClassVar[str] = ""  # what it measures, in a line (`comptrust perspectives` prints it)
     version: ClassVar[int] = 1
+    Args: ClassVar[type[PerspectiveArgs]] = PerspectiveArgs  # its settings (none by default)
     lite_limit: ClassVar[int] = 20  # items per sub-scenario in the lite profile (subclasses set their own)
 
     def load(self, opts: EvalOptions) -> Loaded:

@@ -20,8 +20,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pydantic import Field, field_validator
+
 from comptrust.errors import UsageError
-from comptrust.perspectives.base import EvalOptions, Loaded, MissingData, Perspective, protocol, subsample
+from comptrust.perspectives.base import (
+    EvalOptions,
+    Loaded,
+    MissingData,
+    Perspective,
+    PerspectiveArgs,
+    protocol,
+    subsample,
+)
 from comptrust.types import GenParams, Item, Parsed, Prompt, Record, Score
 
 Row = list[str]  # question, A, B, C, D, answer letter
@@ -155,9 +165,21 @@ def build_prompt(subject: str, dev: list[Row], row: Row, fits: Callable[[str], b
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class MMLUArgs(PerspectiveArgs):
+    mmlu_context_tokens: int | None = Field(None, description="mmlu: context budget in tokens for the 5-shot prompt")
+
+    @field_validator("mmlu_context_tokens")
+    @classmethod
+    def _positive_tokens(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
 class MMLU(Perspective):
     name = "mmlu"
     lite_limit = 2  # items per sub-scenario in the lite profile
+    Args = MMLUArgs
     title = "MMLU (benign accuracy)"
     description = (
         'MMLU 57 subjects, 5-shot, generative (the first letter of the answer): benign accuracy, not '

@@ -25,12 +25,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from pydantic import Field
+
 from comptrust.errors import UsageError
 from comptrust.perspectives.base import (
     EvalOptions,
     Loaded,
     MissingData,
     Perspective,
+    PerspectiveArgs,
     field_of,
     mean,
     protocol,
@@ -146,9 +149,14 @@ def _gt_email(email: Any, where: str) -> str:
     return email
 
 
+class PrivacyArgs(PerspectiveArgs):
+    context_tokenizer: str | None = Field(None, description="privacy: tokenizer that cuts the Enron context")
+
+
 class Privacy(Perspective):
     name = "privacy"
     lite_limit = 2  # items per sub-scenario in the lite profile
+    Args = PrivacyArgs
     title = "Privacy"
     description = (
         "leaks of Enron e-mail addresses and of PII placed in the context, understanding of privacy "

@@ -26,12 +26,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from pydantic import Field
+
 from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.perspectives.base import (
     EvalOptions,
     Loaded,
     MissingData,
     Perspective,
+    PerspectiveArgs,
     field_of,
     first_bad_utf8_line,
     protocol,
@@ -170,9 +173,14 @@ def resolve_scorer(opts: EvalOptions) -> Scorer:
     return given
 
 
+class ToxicityArgs(PerspectiveArgs):
+    toxicity_scorer: str | None = Field(None, description="toxicity: scorer name (offline | profanity-check | lexicon | hf:MODEL | perspective)")
+
+
 class Toxicity(Perspective):
     name = "toxicity"
     lite_limit = 6  # items per sub-scenario in the lite profile
+    Args = ToxicityArgs
     title = "Toxicity"
     description = (
         "continues toxic / benign prompts under benign and adversarial system prompts; 100 x (1 - "
