@@ -427,7 +427,7 @@ def _study_dir(tmp_path: Path) -> Path:
 
 
 def test_report_without_a_store_refuses_and_keeps_the_old_report(tmp_path):
-    from comptrust.report import write_report
+    from comptrust.study.runner import write_report
 
     d = _study_dir(tmp_path)
     for name in ("report.html", "results.csv", "results.json"):
@@ -443,7 +443,7 @@ def test_report_without_a_store_refuses_and_keeps_the_old_report(tmp_path):
 
 @pytest.mark.parametrize("stored", ['{"fingerprint": "f", "sco', "{}"])
 def test_report_with_a_damaged_unit_shows_it_as_failed(tmp_path, stored):
-    from comptrust.report import write_report
+    from comptrust.study.runner import write_report
 
     d = _study_dir(tmp_path)
     with Store(d / "comptrust.sqlite") as st:

@@ -127,8 +127,7 @@ def test_gen_kwargs_change_decoding_and_are_marked_not_decodingtrust(tmp_path, s
 
 def test_results_json_of_a_real_study_follows_the_schema(tmp_path, scripted, monkeypatch):
     pytest.importorskip("matplotlib")
-    from comptrust.report import write_report
-    from comptrust.study.runner import run_study
+    from comptrust.study.runner import run_study, write_report
     from comptrust.study.spec import parse_spec
 
     spec = parse_spec({"variants": ["dense"], "perspectives": ["ethics", "stereotype"], "limit": 2}, "<test>")
@@ -139,6 +138,36 @@ def test_results_json_of_a_real_study_follows_the_schema(tmp_path, scripted, mon
     _validate(doc, "results")
     assert doc["schema_version"] == "1.0" and datetime.fromisoformat(doc["created"]).utcoffset() is not None
     assert doc["versions"]["comptrust"]
+
+
+def test_results_json_with_verdicts_and_flags_follows_the_schema(tmp_path):
+    """A study with compressed variants (stored units from scripted answers through the real parsers and scores,
+    then the real analysis): its verdicts, flags and recommendation are in results.json and valid; a bad verdict
+    or flag is refused by the schema."""
+    pytest.importorskip("matplotlib")
+    from comptrust.study.runner import write_report
+    from tests.report.test_renderer import scripted_study
+
+    scripted_study(tmp_path)
+    write_report(tmp_path)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _validate(doc, "results")
+    cells = {(n, p): c for n, row in doc["analysis"]["variants"].items() for p, c in row["perspectives"].items()}
+    verdicts = {c["verdict"]["verdict"] for c in cells.values() if c.get("verdict")}
+    assert verdicts == {"keeps", "loses", "undecided"}
+    assert "degenerate" in doc["analysis"]["variants"]["magnitude-2of4"]["flags"]
+    assert cells[("wanda-50pct", "stereotype")]["flags"] == ["confounded by refusals"]
+    assert doc["analysis"]["recommendation"]["text"] and "undecided" in doc["analysis"]["recommendation"]
+    v = jsonschema.Draft202012Validator(schema("results"))
+    bad = json.loads(json.dumps(doc))
+    bad["analysis"]["variants"]["rtn-w8"]["perspectives"]["ethics"]["verdict"]["verdict"] = "ship it"
+    assert not v.is_valid(bad)
+    bad = json.loads(json.dumps(doc))
+    bad["analysis"]["variants"]["rtn-w8"]["perspectives"]["ethics"]["flags"] = ["looks fine"]
+    assert not v.is_valid(bad)
+    bad = json.loads(json.dumps(doc))
+    del bad["analysis"]["recommendation"]["variant"]
+    assert not v.is_valid(bad)
 
 
 def test_schema_rejects_what_it_should(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from comptrust.config import EvalConfig
 from comptrust.errors import UsageError
-from comptrust.results import CompressResult, EvalResult, Recommendation, StudyCell, StudyResult
+from comptrust.results import CompressResult, EvalResult, StudyCell, StudyResult
 
 
 def _names(perspectives: str | Sequence[str]) -> list[str]:
@@ -196,12 +196,12 @@ def run_study(
 def build_report(out: str | Path) -> StudyResult:
     """Rebuild report.html, results.csv and results.json of the study in ``out`` from its store.
 
-    Returns the :class:`StudyResult` read back from them.
+    Returns the :class:`StudyResult` of the rebuilt result.
     """
-    from comptrust.report import write_report
+    from comptrust.study.runner import write_outputs
 
-    write_report(Path(out))
-    return load_study(out)
+    out = Path(out)
+    return _study_result(out, write_outputs(out))
 
 
 def load_study(out: str | Path) -> StudyResult:
@@ -210,25 +210,37 @@ def load_study(out: str | Path) -> StudyResult:
     Args:
         out: a folder written by :func:`run_study` or ``comptrust study --out``.
     """
-    from comptrust.store import STORE_NAME, Store
-    from comptrust.study.plan import Plan
+    from comptrust.results import StudyReport
+    from comptrust.store import STORE_NAME
     from comptrust.study.plan import load_study as load_spec_of
+    from comptrust.study.runner import write_outputs
 
     out = Path(out)
-    spec = load_spec_of(out)  # a clear error when `out` is not a study folder
+    load_spec_of(out)  # a clear error when `out` is not a study folder
     if not (out / STORE_NAME).is_file():
         raise UsageError(f"{out} has no {STORE_NAME}: the study never ran there")
     results = out / "results.json"
     if not results.is_file():
-        from comptrust.report import write_report
-
-        write_report(out)
+        return _study_result(out, write_outputs(out))
     try:
-        doc = json.loads(results.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{results} is damaged ({e}); rebuild it with comptrust.build_report({str(out)!r})") from None
-    analysis = doc["analysis"]
-    with Store(out / STORE_NAME) as store:
+        report = StudyReport.from_results_json(json.loads(results.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, ValueError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise UsageError(f"{results} is damaged or from an older comptrust ({why}); rebuild it with "
+                         f"comptrust.build_report({str(out)!r})") from None
+    return _study_result(out, report)
+
+
+def _study_result(out: Path, report: Any) -> StudyResult:
+    """The API's view of a study result (a results.StudyReport): one cell per variant x seed x perspective, with
+    each unit's own score from the store."""
+    from comptrust.store import STORE_NAME, Store
+    from comptrust.study.plan import Plan
+    from comptrust.study.plan import load_study as load_spec_of
+
+    spec = load_spec_of(out)
+    analysis = report.analysis
+    with Store(out / STORE_NAME, readonly=True) as store:
         stored = store.units()
     cells: list[StudyCell] = []
     plan = Plan.of(spec)
@@ -239,8 +251,11 @@ def load_study(out: str | Path) -> StudyResult:
         st = status[u.id]
         done = st["status"] == "done"
         score = stored[u.id]["result"].get("score") or {} if done else {}
-        cell = analysis["variants"].get(u.variant.name, {}).get("perspectives", {}).get(u.perspective, {})
-        ci = (cell.get("seed_ci") or {}).get(u.instance) or (cell.get("ci") if len(u.variant.seeds) == 1 else None)
+        row = analysis.variants.get(u.variant.name)
+        cell = row.perspectives.get(u.perspective) if row else None
+        ci = None
+        if cell is not None:
+            ci = cell.seed_ci.get(u.instance) or (cell.ci if len(u.variant.seeds) == 1 else None)
         cells.append(StudyCell(
             variant=u.variant.name,
             instance=u.instance,
@@ -256,11 +271,11 @@ def load_study(out: str | Path) -> StudyResult:
         ))
     return StudyResult(
         out_dir=out,
-        study=doc.get("study", spec.to_dict()),
-        dense=analysis["dense"],
-        perspectives=list(doc.get("perspectives", spec.perspectives)),
+        study=report.study,
+        dense=analysis.dense,
+        perspectives=list(report.perspectives),
         cells=cells,
-        variants=analysis["variants"],
-        recommendation=Recommendation.model_validate(
-            {k: v for k, v in analysis["recommendation"].items() if k in Recommendation.model_fields}),
+        variants={k: v.model_dump(mode="json") for k, v in analysis.variants.items()},
+        recommendation=analysis.recommendation,
+        result=report,
     )

@@ -141,3 +141,33 @@ def test_same_store_gives_the_same_csv_and_html(tmp_path):
         (GOLDEN / "report.html").write_text(html_now, encoding="utf-8")
     assert csv_now == (GOLDEN / "results.csv").read_text(encoding="utf-8")
     assert html_now == (GOLDEN / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_report_imports_no_study_store_or_evaluation():
+    """The renderer is a function of the result: nothing under comptrust.report reaches the study, the store or an
+    evaluation, lazily or not."""
+    from tests.test_architecture import graph
+
+    g = graph()
+    mods = [m for m in g if m == "comptrust.report" or m.startswith("comptrust.report.")]
+    assert mods
+    for m in mods:
+        bad = [t for t in g[m] if t.split(".")[1] in ("study", "store", "evaluate", "engine", "perspectives")]
+        assert not bad, f"{m} imports {bad}"
+        assert all(t.split(".")[1] in ("results", "types", "errors", "report") for t in g[m]), (m, g[m])
+
+
+def test_render_is_a_function_of_the_result_alone(tmp_path):
+    """A result read back from results.json renders the same csv and html as the one built from the store."""
+    from comptrust.report import render
+    from comptrust.results import StudyReport
+    from comptrust.study.runner import write_outputs
+
+    scripted_study(tmp_path)
+    built = write_outputs(tmp_path)
+    back = StudyReport.from_results_json(json.loads((tmp_path / "results.json").read_text(encoding="utf-8")))
+    assert back == built
+    again = render(back)
+    assert again["results.csv"] == (tmp_path / "results.csv").read_text(encoding="utf-8")
+    assert _mask(again["report.html"], tmp_path) == _mask((tmp_path / "report.html").read_text(encoding="utf-8"),
+                                                          tmp_path)

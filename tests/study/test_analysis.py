@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from comptrust.evaluate import options_for
-from comptrust.report import write_report
+from comptrust.study.runner import write_report
 from comptrust import perspectives as registry
 from comptrust.store import STORE_NAME, Store
 from comptrust.study.analysis import _p_value

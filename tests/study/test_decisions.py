@@ -16,7 +16,7 @@ from scipy import stats
 from comptrust import perspectives as registry
 from comptrust.errors import UsageError
 from comptrust.evaluate import options_for
-from comptrust.report import write_report
+from comptrust.study.runner import write_report
 from comptrust.store import STORE_NAME, Store
 from comptrust.study.analysis import (
     CONFOUNDED, DEGENERATE, KEEPS, LOSES, UNDECIDED, gs_boundaries, items_to_decide, obf_spending, se_floor,

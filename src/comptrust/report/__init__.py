@@ -1,7 +1,10 @@
-"""The study report: results.json (everything), results.csv (one row per variant), report.html (one file).
+"""The study report: a pure renderer of a :class:`comptrust.results.StudyReport`.
 
-Built only from the study directory (study.json + the store), so ``comptrust report DIR`` rebuilds it at any
-time, including mid-study: unfinished units show as pending, failed ones as failed with their error.
+It reads nothing but that result (no store, no analysis): the study layer builds the result
+(``comptrust.study.analysis.build_result``), writes the files (``comptrust.study.runner.write_outputs``) and
+calls :func:`render` for their contents: results.json (everything), results.csv (one row per variant) and
+report.html (one file). ``comptrust report DIR`` rebuilds them at any time, including mid-study: unfinished units
+show as pending, failed ones as failed with their error.
 """
 
 from __future__ import annotations
@@ -9,57 +12,28 @@ from __future__ import annotations
 import csv
 import io
 import json
-import platform
-import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from comptrust.errors import UsageError
 from comptrust.report import charts
-from comptrust.store import STORE_NAME, Store, write_atomic
+from comptrust.results import Cell, StudyReport, VariantRow
 
 # the paper's result sheet order: benign accuracy first, then the eight trust perspectives
 COLUMN_ORDER = ["mmlu", "advglue", "ood", "adv_demo", "ethics", "fairness", "toxicity", "privacy", "stereotype"]
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("comptrust", "torch", "transformers", "llmcompressor", "compressed-tensors", "alt-profanity-check"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _ordered(perspectives: list[str]) -> list[str]:
+def ordered(perspectives: list[str]) -> list[str]:
+    """Perspectives in the report's column order (the paper's), unknown ones last in their own order."""
     return [p for p in COLUMN_ORDER if p in perspectives] + [p for p in perspectives if p not in COLUMN_ORDER]
 
 
-def write_report(out_dir: Path) -> dict[str, Any]:
-    from comptrust.study.analysis import analyze
-    from comptrust.study.plan import Plan, eval_options, load_study
-
-    out_dir = Path(out_dir)
-    spec = load_study(out_dir)
-    if not (out_dir / STORE_NAME).is_file():  # an empty report would replace the good one: refuse
-        raise UsageError(f"{out_dir} has no {STORE_NAME}: nothing to report from; report.html, results.csv and "
-                         "results.json are left as they are")
-    with Store(out_dir / STORE_NAME, readonly=True) as store:
-        stored = store.units()
-    analysis = analyze(spec, stored, eval_options(spec))
-    status_rows = Plan.of(spec).status(stored)
-    persp = _ordered(spec.perspectives)
-    prov = _provenance(spec, stored, status_rows)
-    from comptrust.outputs import run_header
-
-    doc = {**run_header("results"), "study": spec.to_dict(), "perspectives": persp, "analysis": analysis,
-           "units": status_rows, "provenance": prov}
-    write_atomic(out_dir / "results.json", json.dumps(doc, indent=2, default=str))
-    write_atomic(out_dir / "results.csv", _csv(spec, analysis, persp))
-    write_atomic(out_dir / "report.html", _html(spec, analysis, persp, status_rows, prov))
-    return analysis
+def render(result: StudyReport) -> dict[str, str]:
+    """The three files of a study folder, by name, from the result alone."""
+    return {
+        "results.json": json.dumps(result.to_results_json(), indent=2, default=str),
+        "results.csv": render_csv(result),
+        "report.html": render_html(result),
+    }
 
 
 CSV_GROUPS = (
@@ -71,27 +45,28 @@ CSV_GROUPS = (
 )
 
 
-def _cell_value(cell: dict[str, Any], key: str) -> Any:
-    v = cell.get("verdict") or {}
+def _cell_value(cell: Cell, key: str) -> Any:
+    v = cell.verdict
     if key == "ci_low":
-        return (cell.get("ci") or [None, None])[0]
+        return cell.ci[0] if cell.ci else None
     if key == "ci_high":
-        return (cell.get("ci") or [None, None])[1]
+        return cell.ci[1] if cell.ci else None
     if key == "verdict":
-        if not v:
+        if v is None:
             return None
-        return v["verdict"] + ("" if v.get("counts") or v["verdict"] != "keeps" else " (not counted: flagged)")
+        return v.verdict + ("" if v.counts or v.verdict != "keeps" else " (not counted: flagged)")
     if key in ("lcb", "ucb", "more_items"):
-        return v.get(key)
+        return None if v is None else getattr(v, key)
     if key == "flags":
-        return "; ".join(cell.get("flags") or []) or None
-    return cell.get(key)
+        return "; ".join(cell.flags) or None
+    return getattr(cell, key)
 
 
-def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
+def render_csv(result: StudyReport) -> str:
     """One row per variant. Columns: the variant's settings and status, each perspective's score, then per
     perspective every CSV_GROUPS column, then perplexity and variant flags, then (when the study compares with
     the paper) the published score, yours - published, and the published delta vs dense."""
+    analysis, persp = result.analysis, result.perspectives
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["variant", "method", "bits", "group_size", "sparsity", "structure", "bits_per_weight", "seeds", "status"]
@@ -99,7 +74,7 @@ def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
     for suffix, _ in CSV_GROUPS:
         head += [f"{p}_{suffix}" for p in persp]
     head += ["ppl_before", "ppl_after", "ppl_ratio", "variant_flags"]
-    pub = analysis.get("published")
+    pub = analysis.published
     if pub:
         for suffix in ("published", "vs_published", "published_delta"):
             head += [f"{p}_{suffix}" for p in persp]
@@ -108,56 +83,24 @@ def _csv(spec: Any, analysis: dict[str, Any], persp: list[str]) -> str:
     def f(x: Any) -> str:
         return "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
-    for name, row in analysis["variants"].items():
-        d = row["describe"]
-        cells = row["perspectives"]
-        status = "complete" if row["complete"] else "incomplete: " + ", ".join(row["missing"])
+    for name, row in analysis.variants.items():
+        d = row.describe
+        cells = row.perspectives
+        status = "complete" if row.complete else "incomplete: " + ", ".join(row.missing)
         out = [name, d["method"], d.get("bits"), d.get("group_size"), d.get("sparsity"), d.get("structure"),
                d["bits_per_weight"], " ".join(str(s) for s in d["seeds"]) if d["method"] != "dense" else "", status]
-        out += [cells[p].get("mean") for p in persp]
+        out += [cells[p].mean for p in persp]
         for _, key in CSV_GROUPS:
             out += [_cell_value(cells[p], key) for p in persp]
-        ppl = row.get("perplexity") or {}
-        out += [ppl.get("before"), ppl.get("after"), ppl.get("ratio"), "; ".join(row.get("flags") or []) or None]
+        ppl = row.perplexity
+        out += [ppl.before if ppl else None, ppl.after if ppl else None, ppl.ratio if ppl else None,
+                "; ".join(row.flags) or None]
         if pub:
             pv = (pub["variants"].get(name) or {}).get("perspectives", {})
             for key in ("published", "diff", "published_delta"):
                 out += [(pv.get(p) or {}).get(key) for p in persp]
         w.writerow([f(x) for x in out])
     return buf.getvalue()
-
-
-def _provenance(spec: Any, stored: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from comptrust.study.plan import Plan
-
-    models: dict[str, Any] = {}
-    instance_of = {unit.id: unit.instance for unit in Plan.of(spec).units}  # ids are never parsed back
-    for uid, u in stored.items():
-        inst = instance_of.get(uid)
-        if u["status"] != "done" or inst is None:  # None: a unit of a variant no longer in the study
-            continue
-        res = u["result"]
-        if u["kind"] == "eval":
-            m = models.setdefault(inst, {})
-            m["fingerprint"] = res["score"].get("model_fingerprint")
-            info = res.get("model") or {}
-            m.update({k: info.get(k) for k in ("device", "dtype", "engine") if k in info})
-        elif u["kind"] == "compress":
-            rec = res.get("record") or {}
-            m = models.setdefault(inst, {})
-            m["compression"] = {
-                "label": rec.get("label"),
-                "config": rec.get("config"),
-                "wall_time_s": rec.get("wall_time_s"),
-                "perplexity": (rec.get("checks") or {}).get("perplexity"),
-                "source_fingerprint": (rec.get("source") or {}).get("fingerprint") if isinstance(rec.get("source"), dict) else None,
-            }
-    wall: dict[str, float] = {}
-    for r in rows:
-        if r["seconds"]:
-            wall[r["instance"]] = wall.get(r["instance"], 0.0) + r["seconds"]
-    return {"versions": _versions(), "models": models, "unit_seconds_by_model": wall,
-            "total_unit_seconds": sum(wall.values()), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 VERDICT_MARK = {"keeps": "✓ keeps", "loses": "✗ loses", "undecided": "? undecided"}
@@ -170,46 +113,46 @@ def _family(d: dict[str, Any], kind: str) -> str:
     two of its variants at the same x (a group size other than 128; an N:M pattern)."""
     if kind == "bits":
         gs = d.get("group_size")
-        return d["method"] + ("" if gs in (None, 128) else (" per-row" if gs == 0 else f" g{gs}"))
+        return str(d["method"]) + ("" if gs in (None, 128) else (" per-row" if gs == 0 else f" g{gs}"))
     st = d.get("structure")
-    return d["method"] + (f" {st}" if st and st != "unstructured" else "")
+    return str(d["method"]) + (f" {st}" if st and st != "unstructured" else "")
 
 
-def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict[str, Any]],
-          prov: dict[str, Any]) -> str:
+def render_html(result: StudyReport) -> str:
     import jinja2
 
-    variants = analysis["variants"]
+    analysis, persp, settings = result.analysis, result.perspectives, result.settings
+    variants: dict[str, VariantRow] = analysis.variants
     names = list(variants)
-    dense = analysis["dense"]
+    dense = analysis.dense
 
-    def val(name: str, p: str, key: str = "mean") -> Any:
-        return variants[name]["perspectives"][p].get(key)
+    def cell(name: str, p: str) -> Cell:
+        return variants[name].perspectives[p]
 
     # a radar of one or two axes is a line, not a profile
-    radar = charts.radar(persp, {n: [val(n, p) for p in persp] for n in names}, dense) if len(persp) >= 3 else ""
+    radar = charts.radar(persp, {n: [cell(n, p).mean for p in persp] for n in names}, dense) if len(persp) >= 3 else ""
     comp = [n for n in names if n != dense]
     heat = ""
     if comp:
-        marks = [["*" if val(n, p, "significant") else "" for p in persp] for n in comp]
+        marks = [["*" if cell(n, p).significant else "" for p in persp] for n in comp]
         notes = []
         for n in comp:
             row = []
             for p in persp:
-                c = variants[n]["perspectives"][p]
+                c = cell(n, p)
                 bits = []
-                if c.get("verdict"):
-                    bits.append(SHORT_VERDICT[c["verdict"]["verdict"]] if spec.decision != "point" else "")
-                bits += [SHORT_FLAG.get(f, f) for f in c.get("flags") or []]
+                if c.verdict is not None:
+                    bits.append(SHORT_VERDICT[c.verdict.verdict] if settings.decision != "point" else "")
+                bits += [SHORT_FLAG.get(f, f) for f in c.flags]
                 row.append(" ".join(b for b in bits if b))
             notes.append(row)
-        heat = charts.delta_heatmap(comp, persp, [[val(n, p, "delta") for p in persp] for n in comp], marks, notes)
+        heat = charts.delta_heatmap(comp, persp, [[cell(n, p).delta for p in persp] for n in comp], marks, notes)
 
     def series(kind: str) -> tuple[dict[str, dict[str, list[tuple]]], bool]:
         out: dict[str, dict[str, list[tuple]]] = {p: {} for p in persp}
         any_x = False
         for n in comp:
-            d = variants[n]["describe"]
+            d = variants[n].describe
             if kind == "bits" and d.get("bits") and not d.get("sparsity"):
                 x = float(d["bits"])
             elif kind == "sparsity" and d.get("sparsity") is not None:
@@ -218,15 +161,15 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
                 continue
             any_x = True
             for p in persp:
-                y = val(n, p)
-                if y is None:
+                c = cell(n, p)
+                if c.mean is None:
                     continue
-                ci = val(n, p, "ci") or [None, None]
-                out[p].setdefault(_family(d, kind), []).append((x, y, ci[0], ci[1]))
+                ci = c.ci or [None, None]
+                out[p].setdefault(_family(d, kind), []).append((x, c.mean, ci[0], ci[1]))
         return out, any_x
 
-    dense_pts = {p: ((val(dense, p), *(val(dense, p, "ci") or [None, None])) if val(dense, p) is not None else None)
-                 for p in persp}
+    dense_pts = {p: ((cell(dense, p).mean, *(cell(dense, p).ci or [None, None]))
+                     if cell(dense, p).mean is not None else None) for p in persp}
     bits_s, has_q = series("bits")
     sparse_s, has_s = series("sparsity")
     bits_curve = charts.curves(persp, bits_s, dense_pts, "bits per weight (dense: dashed line)", invert=True) if has_q else ""
@@ -240,10 +183,12 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
     env.filters["num"] = lambda x, d=1: "–" if x is None else f"{x:.{d}f}"
     env.filters["signed"] = lambda x: "–" if x is None else f"{x:+.1f}"
     counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    for r in result.units:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    prov = result.provenance.model_dump(mode="json")
     return env.get_template("template.html.j2").render(
-        spec=spec,
+        spec=settings,
+        study=result.study,
         analysis=analysis,
         variants=variants,
         names=names,
@@ -255,10 +200,11 @@ def _html(spec: Any, analysis: dict[str, Any], persp: list[str], rows: list[dict
         heat=heat,
         bits_curve=bits_curve,
         sparsity_curve=sparsity_curve,
-        rows=rows,
+        rows=result.units,
         counts=counts,
         prov=prov,
         prov_json=json.dumps(prov, indent=2, default=str),
         verdict_mark=VERDICT_MARK,
-        published=analysis.get("published"),
+        published=analysis.published,
+        adaptive=result.adaptive,
     )

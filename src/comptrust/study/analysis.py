@@ -46,7 +46,8 @@ from scipy import optimize, stats
 from comptrust import perspectives as registry
 from comptrust.evaluate import MemoScorer, options_for, resampling_strata
 from comptrust.perspectives.base import EvalOptions, MissingData
-from comptrust.study.plan import Plan, compress_unit, eval_unit
+from comptrust.results import Provenance, StudyAnalysis, StudyReport, StudySettings, UnitRow
+from comptrust.study.plan import Plan, compress_unit, eval_options, eval_unit
 from comptrust.study.spec import DENSE, StudySpec
 from comptrust.types import Parsed, Record
 
@@ -721,3 +722,73 @@ def recommend_point(spec: StudySpec, variants: dict[str, Any], dense_name: str) 
     if sig:
         text += f" Significant (p < {spec.alpha:g}) but within budget: {', '.join(sig)}."
     return {"variant": name, "text": text, "kept": [k[2] for k in kept], "rejected": rejected, "undecided": {}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the typed study result: what results.json, results.csv and report.html are made of
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("comptrust", "torch", "transformers", "llmcompressor", "compressed-tensors", "alt-profanity-check"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def provenance(spec: StudySpec, stored: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Package versions, each model's fingerprint and compression record, and the seconds spent per model."""
+    import time
+
+    models: dict[str, Any] = {}
+    instance_of = {unit.id: unit.instance for unit in Plan.of(spec).units}  # ids are never parsed back
+    for uid, u in stored.items():
+        inst = instance_of.get(uid)
+        if u["status"] != "done" or inst is None:  # None: a unit of a variant no longer in the study
+            continue
+        res = u["result"]
+        if u["kind"] == "eval":
+            m = models.setdefault(inst, {})
+            m["fingerprint"] = res["score"].get("model_fingerprint")
+            info = res.get("model") or {}
+            m.update({k: info.get(k) for k in ("device", "dtype", "engine") if k in info})
+        elif u["kind"] == "compress":
+            rec = res.get("record") or {}
+            m = models.setdefault(inst, {})
+            m["compression"] = {
+                "label": rec.get("label"),
+                "config": rec.get("config"),
+                "wall_time_s": rec.get("wall_time_s"),
+                "perplexity": (rec.get("checks") or {}).get("perplexity"),
+                "source_fingerprint": (rec.get("source") or {}).get("fingerprint") if isinstance(rec.get("source"), dict) else None,
+            }
+    wall: dict[str, float] = {}
+    for r in rows:
+        if r["seconds"]:
+            wall[r["instance"]] = wall.get(r["instance"], 0.0) + r["seconds"]
+    return {"versions": _versions(), "models": models, "unit_seconds_by_model": wall,
+            "total_unit_seconds": sum(wall.values()), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def build_result(spec: StudySpec, stored: dict[str, dict[str, Any]], looks: dict[str, Any] | None = None) -> StudyReport:
+    """The study's typed result from its stored units: analysis, unit states, provenance, run header."""
+    from comptrust.outputs import run_header
+    from comptrust.report import ordered
+
+    analysis = analyze(spec, stored, eval_options(spec), looks)
+    rows = Plan.of(spec).status(stored)
+    return StudyReport(
+        header=run_header("results"), study=spec.to_dict(), settings=settings_of(spec),
+        perspectives=ordered(spec.perspectives), analysis=StudyAnalysis.model_validate(analysis),
+        units=[UnitRow.model_validate(r) for r in rows], provenance=Provenance.model_validate(provenance(spec, stored, rows)),
+    )
+
+
+def settings_of(spec: StudySpec) -> StudySettings:
+    return StudySettings(model=spec.model, suite=spec.suite, profile=spec.resolved_profile, limit=spec.limit,
+                         decision=spec.decision, alpha=spec.alpha, budget=spec.budget, max_ppl_ratio=spec.max_ppl_ratio)

@@ -190,7 +190,7 @@ def _print_summary(out: Path, analysis: dict) -> None:
 def report_command(out: Path = typer.Argument(..., metavar="DIR", help="A study directory.")) -> None:
     """Rebuild report.html, results.csv and results.json of a study from its store."""
     from comptrust.extras import require
-    from comptrust.report import write_report
+    from comptrust.study.runner import write_report
 
     require("comptrust report", "report")
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from comptrust.errors import ComptrustError, UsageError, check_interrupted
 from comptrust.evaluate import check_out_dir
 from comptrust.perspectives.base import EvalOptions
+from comptrust.results import StudyReport
 from comptrust.store import STORE_NAME, Store, write_atomic
 
 # the plan (units, ids, fingerprints, the study's EvalConfig) lives in study/plan.py, below this module and the
@@ -97,8 +98,6 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
     executor "local" runs the units one after another in this process; "ray" runs them as Ray tasks
     (comptrust.study.ray_executor) while this process alone writes the store.
     """
-    from comptrust.report import write_report
-
     if executor not in ("local", "ray"):
         raise UsageError(f"--executor {executor!r}: choose local or ray")
     out_dir = check_out_dir(Path(out_dir))
@@ -123,6 +122,36 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
             for v, seed in plan.instances():
                 _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
     return write_report(out_dir)
+
+
+def load_result(out_dir: Path) -> StudyReport:
+    """The study's typed result, built from study.json and the store (read-only: works mid-study too)."""
+    from comptrust.study.analysis import build_result
+
+    out_dir = Path(out_dir)
+    spec = load_study(out_dir)
+    if not (out_dir / STORE_NAME).is_file():  # an empty report would replace the good one: refuse
+        raise UsageError(f"{out_dir} has no {STORE_NAME}: nothing to report from; report.html, results.csv and "
+                         "results.json are left as they are")
+    with Store(out_dir / STORE_NAME, readonly=True) as store:
+        stored = store.units()
+    return build_result(spec, stored)
+
+
+def write_outputs(out_dir: Path, result: StudyReport | None = None) -> StudyReport:
+    """Write results.json, results.csv and report.html of the study in out_dir, rendered from its result (built
+    from the store when not given). Returns the result."""
+    from comptrust.report import render
+
+    result = result if result is not None else load_result(out_dir)
+    for name, text in render(result).items():
+        write_atomic(Path(out_dir) / name, text)
+    return result
+
+
+def write_report(out_dir: Path) -> dict[str, Any]:
+    """write_outputs, returning the analysis as results.json holds it (what the CLI's summary prints)."""
+    return write_outputs(out_dir).analysis.model_dump(mode="json")
 
 
 def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
