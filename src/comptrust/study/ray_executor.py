@@ -27,24 +27,21 @@ from typing import Any
 
 from comptrust.errors import ComptrustError, UsageError
 from comptrust.store import Store
-from comptrust.study.runner import (
-    DENSE,
-    Plan,
+from comptrust.study.plan import Plan, eval_options, instance_key
+from comptrust.study.spec import DENSE, StudySpec, parse_spec
+from comptrust.study.units import (
     _one_line,
     backend_for,
     checkpoint_dir,
     compress_checkpoint,
-    eval_options,
     eval_outcome,
     evaluate_model,
-    instance_key,
     model_in,
     pending_work,
     record_compress,
     record_eval,
     stored_checkpoint,
 )
-from comptrust.study.spec import StudySpec, parse_spec
 
 MAX_RETRIES = 2  # re-runs of a unit whose worker died
 
@@ -180,16 +177,16 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
                     record_compress(store, v, seed or 0, secs, out.get("record"), out.get("error"), extra)
                     say(f"{'FAILED ' if out['status'] != 'done' else ''}compress {inst}"
                         + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
-                    say.finished("compress", 1, secs)
+                    say.finished("compress", 1, secs, failed=out["status"] != "done")
                 elif out["status"] == "blocked":  # like the local executor: no rows, shown as blocked
-                    say.finished("eval", len(extra), 0.0)
+                    say.blocked(len(extra))
                 else:
                     if out["status"] == "done":
                         store.put_generation_rows(out["generations"])
                     record_eval(store, spec, v, seed, extra, secs, out.get("outcome"), out.get("error"))
                     say(f"{'FAILED ' if out['status'] != 'done' else ''}evaluate {inst}"
                         + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
-                    say.finished("eval", len(extra), secs)
+                    say.finished("eval", len(extra), secs, failed=out["status"] != "done")
     finally:
         ray.shutdown()
 

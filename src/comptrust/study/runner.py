@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from comptrust.errors import ComptrustError, UsageError, check_interrupted
-from comptrust.evaluate import check_out_dir
+from comptrust.evaluate import check_out_dir, load_perspectives
 from comptrust.perspectives.base import EvalOptions
+from comptrust.progress import StudyProgress, work_of
 from comptrust.results import StudyReport
 from comptrust.store import STORE_NAME, Store, write_atomic
 
@@ -44,49 +46,21 @@ from comptrust.study.plan import (  # noqa: F401
     instance_key,
     load_study,
 )
-from comptrust.study.spec import DENSE, StudySpec, Variant  # noqa: F401 -- DENSE: re-exported for ray_executor
-from comptrust.types import Record
-
-
-def _one_line(e: BaseException) -> str:
-    """A unit's error as stored and printed: one line, secrets redacted (it lands in comptrust.sqlite,
-    results.json and report.html)."""
-    from comptrust.errors import redact
-
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return redact(msg if isinstance(e, ComptrustError) else f"{type(e).__name__}: {msg}")
-
-
-def _compact(records: list[Record]) -> list[dict[str, Any]]:
-    return [
-        {"id": r.item.id, "o": r.outputs, "p": [[x.label, x.refused, x.correct, x.value] for x in r.parsed]}
-        for r in records
-    ]
-
-
-class _Say:
-    """Study progress lines with an overall ETA from the measured time per unit kind."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.done, self.t0 = total, done, time.time()
-        self.spent: dict[str, list[float]] = {"compress": [], "eval": []}
-        self.left: dict[str, int] = {"compress": 0, "eval": 0}
-
-    def __call__(self, msg: str) -> None:
-        print(f"[study] {msg}", file=sys.stderr, flush=True)
-
-    def finished(self, kind: str, n: int, seconds: float) -> None:
-        self.done += n
-        self.left[kind] -= n
-        self.spent[kind].append(seconds / max(n, 1))
-        eta = sum(
-            self.left[k] * (sum(v) / len(v)) for k, v in self.spent.items() if v and self.left[k] > 0
-        )
-        unknown = any(self.left[k] > 0 and not v for k, v in self.spent.items())
-        self(
-            f"{self.done}/{self.total} units done, elapsed {time.time() - self.t0:.0f} s, "
-            f"ETA {'?' if unknown else f'{eta:.0f} s'}"
-        )
+from comptrust.study.spec import DENSE, StudySpec, Variant  # noqa: F401
+from comptrust.study.units import (  # noqa: F401 -- re-exported for callers that import them from the runner
+    _compact,
+    _one_line,
+    backend_for,
+    checkpoint_dir,
+    compress_checkpoint,
+    eval_outcome,
+    evaluate_model,
+    model_in,
+    pending_work,
+    record_compress,
+    record_eval,
+    stored_checkpoint,
+)
 
 
 def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
@@ -110,10 +84,10 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
     with Store(out_dir / STORE_NAME) as store:
         rows = plan.status(store.units())
         todo = [r for r in rows if r["status"] != "done"]
-        say = _Say(len(rows), len(rows) - len(todo))
-        for r in todo:
-            say.left[r["kind"]] += 1
-        say(f"{len(rows)} units ({len(rows) - len(todo)} done, {len(todo)} to run) in {out_dir}")
+        say = StudyProgress(len(rows), len(rows) - len(todo), todo, work=_plan_work(spec, opts, todo),
+                            methods={v.name: v.method for v in spec.variants},
+                            key=f"{spec.model}|{spec.backend}|{spec.device}|{platform.node()}")
+        say.announce(out_dir)  # with the estimate: the plan's work at a stored (or rough) rate
         if executor == "ray":
             from comptrust.study.ray_executor import run_on_ray
 
@@ -154,6 +128,15 @@ def write_report(out_dir: Path) -> dict[str, Any]:
     return write_outputs(out_dir).analysis.model_dump(mode="json")
 
 
+def _plan_work(spec: StudySpec, opts: EvalOptions, todo: list[dict[str, Any]]) -> dict[str, float]:
+    """Estimated generation work per perspective (progress.work_of), for the study's up-front ETA."""
+    try:
+        loaded, _ = load_perspectives(spec.perspectives, opts) if any(r["kind"] == "eval" for r in todo) else ({}, {})
+        return {n: work_of([it.prompt for it in ld.items]) for n, (_, ld, _o) in loaded.items()}
+    except Exception:  # an estimate never stops a study; evaluate reports bad data itself
+        return {}
+
+
 def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
     """A directory holds one study's model and data; a different model there would mix results."""
     old_path = out_dir / SPEC_NAME
@@ -171,74 +154,8 @@ def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
             )
 
 
-def checkpoint_dir(out_dir: Path, inst: str, models_dir: Path | None = None) -> Path:
-    """models/<instance>. Guarded although spec.py refuses unsafe names: a study.json edited by hand, or a
-    caller that builds a Variant itself, must not make a checkpoint land outside the models folder."""
-    from comptrust.study.spec import check_variant_name
-
-    base = Path(models_dir) if models_dir else out_dir / "models"
-    why = check_variant_name(inst)
-    if why or Path(inst).name != inst:
-        raise UsageError(f"variant instance {inst!r} {why or 'is not one folder name'}: refusing to write its "
-                         f"checkpoint outside {base}")
-    return base / inst
-
-
-def record_compress(store: Store, v: Variant, seed: int, seconds: float, record: dict[str, Any] | None,
-                    error: str | None, path: Path | None = None) -> None:
-    fp = v.fingerprint(seed)
-    uid = compress_unit(instance_key(v, seed))
-    if error is None:
-        store.put_unit(uid, "compress", "done", {"fingerprint": fp, "record": record, "path": str(path)}, seconds)
-    else:
-        store.put_unit(uid, "compress", "failed", {"fingerprint": fp}, seconds, error)
-
-
-def record_eval(store: Store, spec: StudySpec, v: Variant, seed: int | None, pending: list[str], seconds: float,
-                outcome: dict[str, Any] | None, error: str | None) -> None:
-    """outcome: {scores, records (compact), not_run, model, stats}; or error for all pending perspectives."""
-    inst = instance_key(v, seed)
-    for p in pending:
-        fp = eval_fingerprint(spec, v, seed, p)
-        share = seconds / len(pending)
-        if error is not None or outcome is None:
-            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, share, error or "not run")
-        elif p in outcome["scores"]:
-            res = {"fingerprint": fp, "score": outcome["scores"][p], "records": outcome["records"][p],
-                   "model": outcome["model"], "generation": outcome["stats"]}
-            store.put_unit(eval_unit(inst, p), "eval", "done", res, share)
-        else:
-            store.put_unit(eval_unit(inst, p), "eval", "failed", {"fingerprint": fp}, share,
-                           outcome["not_run"].get(p, "not run"))
-
-
-def eval_outcome(result: Any) -> dict[str, Any]:
-    """The serialisable part of an EvalResult that the units keep."""
-    return {"scores": result.scores, "records": {p: _compact(r) for p, r in result.records.items()},
-            "not_run": result.not_run, "model": result.model, "stats": result.stats}
-
-
-def pending_work(spec: StudySpec, plan: Plan, stored: dict[str, dict[str, Any]], v: Variant, seed: int | None,
-                 out_dir: Path, models_dir: Path | None = None) -> tuple[bool, list[str]]:
-    """(compression needed?, perspectives still to evaluate) for one model of the study."""
-    status = {r["unit"]: r["status"] for r in plan.status(stored)}
-    inst = instance_key(v, seed)
-    need_compress = False
-    if not v.is_dense:
-        done = stored.get(compress_unit(inst)) if status[compress_unit(inst)] == "done" else None
-        path = (done or {}).get("result", {}).get("path") or str(checkpoint_dir(out_dir, inst, models_dir))
-        need_compress = done is None or not Path(path).is_dir()
-    return need_compress, [p for p in spec.perspectives if status[eval_unit(inst, p)] != "done"]
-
-
-def stored_checkpoint(stored: dict[str, dict[str, Any]], inst: str, default: Path) -> Path:
-    u = stored.get(compress_unit(inst))
-    path = u["result"].get("path") if u and u["status"] == "done" else None
-    return Path(path) if path and Path(path).is_dir() else default
-
-
 def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, store: Store, opts: EvalOptions,
-                  out_dir: Path, say: _Say, progress: bool | None, on_unit: Callable[[str], None] | None) -> None:
+                  out_dir: Path, say: StudyProgress, progress: bool | None, on_unit: Callable[[str], None] | None) -> None:
     inst = instance_key(v, seed)
     need_compress, pending = pending_work(spec, plan, store.units(), v, seed, out_dir)
     model_ref: str | None = spec.model
@@ -257,8 +174,8 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
             except Exception as e:  # recorded; the study goes on with the other variants
                 record_compress(store, v, seed or 0, time.time() - t0, None, _one_line(e))
                 say(f"FAILED compress {inst}: {_one_line(e)}")
-                say.finished("compress", 1, time.time() - t0)
-                say.left["eval"] -= len(pending)
+                say.finished("compress", 1, time.time() - t0, failed=True)
+                say.blocked(len(pending))
                 return
             record_compress(store, v, seed or 0, time.time() - t0, record, None, ckpt)
             say.finished("compress", 1, time.time() - t0)
@@ -280,63 +197,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
             traceback.print_exc(file=sys.stderr)
         record_eval(store, spec, v, seed, pending, time.time() - t0, None, _one_line(e))
         say(f"FAILED evaluate {inst}: {_one_line(e)}")
-        say.finished("eval", len(pending), time.time() - t0)
+        say.finished("eval", len(pending), time.time() - t0, failed=True)
         return
     record_eval(store, spec, v, seed, pending, time.time() - t0, eval_outcome(result), None)
     say.finished("eval", len(pending), time.time() - t0)
-
-
-def model_in(v: Variant, ckpt: Path) -> str:
-    """What the engine loads for a compressed variant: its checkpoint folder, or the GGUF inside for gguf."""
-    if v.is_gguf:
-        from comptrust.compress.gguf import MODEL_FILE
-
-        return str(ckpt / MODEL_FILE)
-    return str(ckpt)
-
-
-def backend_for(spec: StudySpec, v: Variant) -> str:
-    """gguf variants are served by llama.cpp; every other model goes to the study's backend."""
-    return "llamacpp" if v.is_gguf else spec.backend
-
-
-def compress_checkpoint(spec: StudySpec, v: Variant, seed: int, ckpt: Path) -> dict[str, Any]:
-    from comptrust.compress.api import RECORD_NAME, compress, is_comptrust_checkpoint
-
-    if v.is_gguf:
-        from comptrust.compress import gguf
-
-        return gguf.stored_record(ckpt, v.settings) or gguf.prepare(spec.model, v.settings, ckpt)
-    from comptrust.study import reuse
-
-    cfg = v.config(seed)
-    if is_comptrust_checkpoint(ckpt):  # made by a run killed before it could record the unit
-        rec = json.loads((ckpt / RECORD_NAME).read_text())
-        if rec.get("config") == cfg.model_dump():
-            return rec
-    key = reuse.safe_checkpoint_key(spec.model, cfg.model_dump())
-    if key and (rec := reuse.restore_checkpoint(key, ckpt, RECORD_NAME)) is not None:
-        print(f"[compress] reused {ckpt.name} from {reuse.cache_root()} (same model, config and versions)",
-              file=sys.stderr, flush=True)
-        return rec
-    compress(spec.model, cfg, ckpt, progress=lambda msg: print(f"[compress] {msg}", file=sys.stderr, flush=True))
-    if key:
-        reuse.save_checkpoint(key, ckpt, RECORD_NAME)
-    return json.loads((ckpt / RECORD_NAME).read_text())
-
-
-def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opts: EvalOptions, out_dir: Path,
-                   store: Store, progress: bool | None, device: str | None = None, backend: str | None = None) -> Any:
-    from comptrust.engine.select import open_engine
-    from comptrust.evaluate import evaluate
-
-    kw = eval_config(spec).engine_kwargs()  # the study's backend, device, dtype, batch size and raw prompts
-    if device:  # the Ray executor places units on a device
-        kw["device"] = None if device == "auto" else device
-    if backend:  # gguf variants: llama.cpp
-        kw["backend"] = backend
-    from comptrust.study import reuse
-
-    # what an earlier study generated with the same model (fingerprint), prompt and decoding is not generated again
-    with open_engine(model_ref, **kw) as (engine, info), reuse.generations_through_cache(store) as st:
-        return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=st)
