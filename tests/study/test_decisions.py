@@ -370,6 +370,23 @@ def test_adaptive_study_decides_in_rounds_with_the_same_items(tmp_path, monkeypa
     assert json.loads((tmp_path / "s" / "adaptive.json").read_text())["generated"] == doc["generated"]
     md = (tmp_path / "s" / "adaptive.md").read_text()
     assert "| rtn-w4 | stereotype | keeps | 4 | 48 |" in md and "| magnitude-2of4 | stereotype | loses | 2 | 12 |" in md
+    # the top-level report, results.json and results.csv: the same renderer as a fixed study, plus the rounds
+    res = json.loads((tmp_path / "s" / "results.json").read_text())
+    import jsonschema
+
+    from comptrust.outputs import schema
+
+    jsonschema.validate(res, schema("results"))
+    cells = {n: row["perspectives"]["stereotype"] for n, row in res["analysis"]["variants"].items()}
+    assert cells["rtn-w4"]["verdict"]["verdict"] == KEEPS and cells["rtn-w4"]["n_items"] == 48
+    assert cells["magnitude-2of4"]["verdict"]["verdict"] == LOSES and cells["magnitude-2of4"]["n_items"] == 12
+    assert cells["dense"]["n_items"] == 48 and res["analysis"]["recommendation"]["variant"] == "rtn-w4"
+    assert [lk["look"] for lk in res["adaptive"]["looks"]] == [1, 2, 3, 4] and res["adaptive"]["generated"] == 108
+    html = (tmp_path / "s" / "report.html").read_text()
+    assert "<h2>Adaptive rounds</h2>" in html and "Ship rtn-w4" in html and "Score vs bits" in html
+    rows = list(csv.DictReader((tmp_path / "s" / "results.csv").open()))
+    assert {r["variant"]: r["stereotype_verdict"] for r in rows} == {"dense": "", "rtn-w4": KEEPS,
+                                                                     "magnitude-2of4": LOSES}
     # a generation budget: no round starts once it is spent; pairs left open stay undecided (never kept)
     tight = adaptive.run_adaptive(spec, tmp_path / "b", adaptive.Settings(looks=4, start_limit=2, max_generations=10),
                                   progress=False)

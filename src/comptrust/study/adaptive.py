@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from comptrust.evaluate import check_out_dir, options_for
+from comptrust.results import StudyReport
 from comptrust.store import STORE_NAME, write_atomic
 from comptrust.study.analysis import (
     KEEPS,
@@ -119,6 +120,8 @@ def run_adaptive(spec: StudySpec, out_dir: Path, settings: Settings, progress: b
     carried_generations: list[tuple] = []
     carried_compress: dict[str, dict[str, Any]] = {}
     stopped_for_budget = False
+    latest: dict[str, StudyReport] = {}  # perspective -> the result of its latest look
+    decided: dict[str, StudyReport] = {}  # "variant:perspective" -> the result of the look that gave its verdict
     t_start = time.time()
     for k in range(max_k):
         for pname in spec.perspectives:
@@ -151,7 +154,9 @@ def run_adaptive(spec: StudySpec, out_dir: Path, settings: Settings, progress: b
                     if u["kind"] == "compress" and u["status"] == "done":
                         carried_compress[uid] = u
             spent += max(made, 0)
-            a = _analyze_look(sub, rdir, pl, k)
+            look_result = _analyze_look(sub, rdir, pl, k)
+            a = look_result.analysis.model_dump(mode="json")
+            latest[pname] = look_result
             look = {"look": k + 1, "perspective": pname, "limit": pl["limits"][k], "items": pl["items"][k],
                     "boundary": pl["boundaries"][k], "generated": made, "verdicts": {}}
             for n in names:
@@ -159,13 +164,86 @@ def run_adaptive(spec: StudySpec, out_dir: Path, settings: Settings, progress: b
                 v = (cell.get("verdict") or {}).get("verdict", UNDECIDED)
                 look["verdicts"][n] = v
                 final[f"{n}:{pname}"] = {**_slim(cell), "look": k + 1, "limit": pl["limits"][k]}
+                decided[f"{n}:{pname}"] = look_result
                 if v != UNDECIDED or k == len(pl["limits"]) - 1:  # stopped: this look's verdict is final
                     open_pairs.discard((n, pname))
             looks_log.append(look)
             _write(out_dir, spec, settings, plans, looks_log, final, open_pairs, spent, stopped_for_budget)
+            _write_report(out_dir, spec, looks_log, final, open_pairs, spent, stopped_for_budget, latest, decided)
         if stopped_for_budget or not open_pairs:
             break
-    return _write(out_dir, spec, settings, plans, looks_log, final, open_pairs, spent, stopped_for_budget)
+    doc = _write(out_dir, spec, settings, plans, looks_log, final, open_pairs, spent, stopped_for_budget)
+    _write_report(out_dir, spec, looks_log, final, open_pairs, spent, stopped_for_budget, latest, decided)
+    return doc
+
+
+DESIGN = ("group-sequential, Lan-DeMets O'Brien-Fleming-type alpha spending over a fixed maximum number of looks, "
+          "both one-sided tests (keeps / loses)")
+
+
+def _write_report(out_dir: Path, spec: StudySpec, looks: list[dict[str, Any]], final: dict[str, Any],
+                  open_pairs: set, spent: int, stopped_for_budget: bool, latest: dict[str, StudyReport],
+                  decided: dict[str, StudyReport]) -> StudyReport | None:
+    """DIR/report.html, results.csv and results.json of the adaptive study, through the same renderer as a fixed
+    study: each (variant, perspective) cell comes from the look that decided it (or its last look), dense's from
+    the latest look of each perspective, plus the rounds (looks) section."""
+    from comptrust.report import ordered, render
+    from comptrust.results import (
+        AdaptiveLook,
+        AdaptiveSummary,
+        Cell,
+        Provenance,
+        StudyAnalysis,
+        UnitRow,
+        VariantRow,
+    )
+    from comptrust.study.analysis import recommend_noninferiority, settings_of
+
+    if not latest:
+        return None
+    from comptrust.outputs import run_header
+
+    rows: dict[str, VariantRow] = {}
+    units: list[UnitRow] = []
+    for pname, res in latest.items():
+        units += [u.model_copy(update={"unit": f"r-{pname}/{u.unit}"}) for u in res.units]
+    for v in spec.variants:
+        cells: dict[str, Cell] = {}
+        base: VariantRow | None = None
+        for pname in spec.perspectives:
+            key = f"{v.name}:{pname}"
+            src = latest.get(pname) if v.is_dense else decided.get(key)
+            row = src.analysis.variants.get(v.name) if src is not None else None
+            if row is None:
+                cells[pname] = Cell(errors={v.name: "not evaluated (the budget ran out first)"})
+                continue
+            base = base or row
+            cells[pname] = row.perspectives[pname]
+        missing = [p for p, c in cells.items() if c.errors]
+        rows[v.name] = VariantRow(describe=v.describe(), instances=base.instances if base else [], perspectives=cells,
+                                  perplexity=base.perplexity if base else None, flags=base.flags if base else [],
+                                  complete=not missing, missing=missing)
+    rec = recommend_noninferiority(spec, {n: r.model_dump(mode="json") for n, r in rows.items()}, DENSE)
+    last = latest[next(reversed(latest))]
+    method = last.analysis.method.model_copy(update={"rule": last.analysis.method.rule + (
+        " Adaptive study: each cell's verdict is the one of the look that decided it (or of its last look); the "
+        "boundary z of each look is in the rounds table.")})
+    analysis = StudyAnalysis(variants=rows, dense=DENSE, recommendation=rec, method=method,
+                             notes=list(dict.fromkeys(n for r in latest.values() for n in r.analysis.notes)),
+                             dense_note=last.analysis.dense_note)
+    summary = AdaptiveSummary(design=DESIGN, looks=[AdaptiveLook.model_validate(lk) for lk in looks],
+                              decided_at={k: c["look"] for k, c in final.items()},
+                              still_open=sorted(f"{n}:{p}" for n, p in open_pairs), generated=spent,
+                              stopped_for_budget=stopped_for_budget)
+    prov = last.provenance.model_dump()
+    for r in latest.values():
+        prov["models"] = {**r.provenance.models, **prov["models"]}
+    result = StudyReport(header=run_header("results"), study=spec.to_dict(), settings=settings_of(spec),
+                         perspectives=ordered(spec.perspectives), analysis=analysis, units=units,
+                         provenance=Provenance.model_validate(prov), adaptive=summary)
+    for name, text in render(result).items():
+        write_atomic(out_dir / name, text)
+    return result
 
 
 def generated(units: dict[str, dict[str, Any]]) -> int:
@@ -179,16 +257,15 @@ def generated(units: dict[str, dict[str, Any]]) -> int:
     return sum(seen.values())
 
 
-def _analyze_look(sub: StudySpec, rdir: Path, plan: dict[str, Any], k: int) -> dict[str, Any]:
-    """The round's analysis with look k's group-sequential boundary in place of the fixed z."""
+def _analyze_look(sub: StudySpec, rdir: Path, plan: dict[str, Any], k: int) -> StudyReport:
+    """The round's result with look k's group-sequential boundary in place of the fixed z."""
     from comptrust.store import Store
-    from comptrust.study.analysis import analyze
-    from comptrust.study.plan import eval_options
+    from comptrust.study.analysis import build_result
 
     with Store(rdir / STORE_NAME) as st:
         stored = st.units()
-    return analyze(sub, stored, eval_options(sub),
-                   looks={"fractions": plan["fractions"][:k + 1], "max_looks": len(plan["fractions"])})
+    return build_result(sub, stored,
+                        looks={"fractions": plan["fractions"][:k + 1], "max_looks": len(plan["fractions"])})
 
 
 def _slim(cell: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +289,7 @@ def _write(out_dir: Path, spec: StudySpec, settings: Settings, plans: dict[str, 
         variants[v.name]["complete"] = not missing
         variants[v.name]["missing"] = missing
     rec = recommend_noninferiority(spec, variants, DENSE)
-    doc = {"settings": settings.__dict__, "design": "group-sequential, Lan-DeMets O'Brien-Fleming-type alpha spending "
-           "over a fixed maximum number of looks, both one-sided tests (keeps / loses)", "alpha": spec.alpha,
+    doc = {"settings": settings.__dict__, "design": DESIGN, "alpha": spec.alpha,
            "budget": spec.budget, "plans": plans, "looks": looks, "final": final,
            "still_open": sorted(f"{n}:{p}" for n, p in open_pairs), "generated": spent,
            "stopped_for_budget": stopped_for_budget, "recommendation": rec}
