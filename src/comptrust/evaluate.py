@@ -239,6 +239,7 @@ def evaluate(
 
     bar = GenerationProgress.for_stream(progress)  # a bar on a terminal, plain lines when piped
     total = sum(len(ld.items) for _, ld, _o in loaded.values())
+    bar.plan([[it.prompt for it in ld.items] for _, ld, _o in loaded.values()])  # ETA weighted by what is left
     with nullcontext(store) if store is not None else Store(out_dir / STORE_NAME) as store:
         cached = CachedEngine(engine, store)
         if hasattr(engine, "on_step"):  # the HF engine reports decode steps inside a batch: the bar moves meanwhile

@@ -7,16 +7,53 @@ Now the bar advances after every engine batch (CachedEngine's on_batch) and, ins
 and rich can estimate an ETA within the first minute. When stderr is not a terminal the same numbers go out as
 plain lines (counts, rate, ETA) at most every LINE_EVERY seconds, plus one at the end.
 
-Cache hits count as done at once; the ETA is from the generation rate measured so far.
+Cache hits count as done at once. The ETA is weighted by what remains, not by prompt counts: the cost of each
+perspective's prompts is estimated from their length (prefill) and their decode steps (work_of), and the rate is
+measured in those units. Why: the perspectives run in a fixed order and
+toxicity's and stereotype's 150-token continuations come first, so a rate in prompts/s measured in the first
+minute was ~2.5x too slow for the short-answer perspectives after them (bench/results/progress_22/eta.md).
+
+Study level (StudyProgress): an estimate before any unit runs, from the plan's work (the same weights, per
+perspective) and a rate prior (this machine's rates from earlier runs in $COMPTRUST_HOME/rates.json, else the rate
+the running evaluation measures, else a rough built-in figure for the embedded model on a 2-core CPU), improved
+with every unit that finishes; failed units are counted as failed.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 LINE_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal
+# cost model of generating a set of prompts, in "characters": each prompt's text (prefill) plus STEP_WEIGHT per decode
+# step, where the prompts of one max_new_tokens group share their steps in batches of up to BATCH_GUESS sequences.
+# Fitted on the embedded model, 2-core CPU (bench/results/progress_22/eta.md): prefill ~1.4 ms per character, a
+# decode step ~0.15 s whatever the batch size up to ~36; the fit's residuals are ~30% per perspective
+STEP_WEIGHT = 100.0
+BATCH_GUESS = 32
+LAST_RATE: dict[str, float] = {}  # "work_per_s": the latest generation rate measured (read by StudyProgress)
+
+
+def _chars(prompt: Any) -> int:
+    raw = getattr(prompt, "raw", None)
+    return len(raw) if raw is not None else sum(len(m.content) for m in getattr(prompt, "messages", ()))
+
+
+def work_of(prompts: Sequence[Any]) -> float:
+    """Estimated cost of generating `prompts` together (one generate call), in characters: their text plus
+    STEP_WEIGHT per decode step (prompts with the same new-token budget share steps, BATCH_GUESS at a time)."""
+    groups: dict[int, int] = {}
+    chars = 0
+    for p in prompts:
+        chars += _chars(p)
+        params = getattr(p, "params", None)
+        new = params.max_new_tokens if params is not None else 16
+        groups[new] = groups.get(new, 0) + (max(params.n, 1) if params is not None else 1)
+    steps = sum(-(-count // BATCH_GUESS) * new for new, count in groups.items())
+    return float(chars + STEP_WEIGHT * steps)
 
 
 def stage(msg: str, stream: TextIO | None = None) -> None:
@@ -71,6 +108,8 @@ class GenerationProgress:
         self._tokens_since_commit = 0
         self._last_line = 0.0
         self.label = ""
+        self.segments: list[tuple[int, float]] = []  # (prompts, work) of each generate call, in order (plan())
+        self.hit_work = 0.0  # work of cache hits (done, but not generated: kept out of the rate)
 
     @classmethod
     def for_stream(cls, enabled: bool | None, stream: TextIO | None = None) -> "GenerationProgress":
@@ -83,6 +122,25 @@ class GenerationProgress:
         return cls("bar", s)
 
     # -- events ------------------------------------------------------------------------------------------------
+    def plan(self, segments: Sequence[Sequence[Any]]) -> None:
+        """The prompts of each generate call, in the order they will run: the ETA is then weighted by their
+        estimated cost (work_of) instead of counting every prompt as equal."""
+        self.segments = [(len(ps), work_of(ps)) for ps in segments if len(ps)]
+
+    def work_at(self, position: float) -> float:
+        """Estimated work done when `position` prompts (in plan order) are done; prompts when there is no plan."""
+        if not self.segments:
+            return position
+        work, left = 0.0, position
+        for n, w in self.segments:
+            if left <= n:
+                return work + w * left / n
+            work, left = work + w, left - n
+        return work
+
+    def total_work(self) -> float:
+        return sum(w for _, w in self.segments) if self.segments else float(self.total)
+
     def start(self, total: int, label: str) -> None:
         if self.total or total == 0 or self.mode == "off":
             return
@@ -99,7 +157,6 @@ class GenerationProgress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.bar = Progress(
@@ -108,14 +165,13 @@ class GenerationProgress:
             MofNCompleteColumn(),
             TextColumn("prompts"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[rate]}"),
             transient=False,
             console=_console(self.stream),
         )
         self.bar.start()
-        self.task = self.bar.add_task(self.label, total=total, rate="")
+        self.task = self.bar.add_task(self.label, total=total, rate="", eta="?")
 
     def engine_started(self) -> None:
         """The first batch is about to be generated (the model loads first: its time is not a generation rate)."""
@@ -124,6 +180,8 @@ class GenerationProgress:
 
     def advance(self, n: int, tokens: int = 0) -> None:
         """n prompts done that were not generated by an engine batch (cache hits): not part of the rate."""
+        if n:
+            self.hit_work += self.work_at(self.done + n) - self.work_at(self.done)
         self.done += n
         self.tokens += tokens
         self._show()
@@ -135,7 +193,9 @@ class GenerationProgress:
         self.partial = 0.0
         self._since_commit += n
         self._tokens_since_commit += tokens
-        self.advance(n, tokens)
+        self.done += n
+        self.tokens += tokens
+        self._show()
 
     def step(self, prompts: int, steps_done: int, max_new: int) -> None:
         self.engine_started()
@@ -169,16 +229,29 @@ class GenerationProgress:
         gen = self.generated + self.partial
         return gen / dt if dt > 0.5 and gen > 0 else None
 
+    def work_rate(self) -> float | None:
+        """Estimated work (work_of units) generated per second since generation started."""
+        if self.t_gen is None:
+            return None
+        dt = time.time() - self.t_gen
+        gen = self.work_at(self.done + self.partial) - self.hit_work
+        if dt > 0.5 and gen > 0:
+            LAST_RATE["work_per_s"] = gen / dt
+            return gen / dt
+        return None
+
     def eta(self) -> float | None:
-        r = self.rate()
-        left = self.total - self.done - self.partial
-        return left / r if r else None
+        """Seconds left: the estimated work left over the work rate measured so far."""
+        r = self.work_rate()
+        left = self.total_work() - self.work_at(self.done + self.partial)
+        return max(left, 0.0) / r if r else None
 
     def _show(self) -> None:
         if self.bar is not None:
             dt = max(time.time() - self.t0, 1e-6)
-            self.bar.update(self.task, completed=min(self.done + self.partial, self.total),
-                            rate=f"{self.tokens / dt:.0f} tok/s")
+            shown = min(self.done + self.partial, self.total)
+            self.bar.update(self.task, completed=shown, rate=f"{self.tokens / dt:.0f} tok/s",
+                            eta=_clock(self.eta()) if shown < self.total else "0:00")
         elif self.mode == "lines":
             self._line()
 
@@ -200,3 +273,162 @@ def _console(stream: TextIO):
     from rich.console import Console
 
     return Console(file=stream)
+
+
+# -- study level ----------------------------------------------------------------------------------------------------
+# priors when nothing was measured on this machine yet: the embedded model on the shared 2-core CPU. Evaluation:
+# work_of units per second of a whole eval unit (model load and scoring included; -p all --limit 1 is ~154k units,
+# ~230 s). Compression: seconds per method (bench/results/compress_table.md, wall s). Marked "rough" when used.
+DEFAULT_EVAL_RATE = 650.0
+DEFAULT_COMPRESS_S = {"rtn": 22.0, "gptq": 155.0, "awq": 540.0, "magnitude": 19.0, "sparsegpt": 150.0,
+                      "wanda": 100.0, "gguf": 30.0}
+RATES_FILE = "rates.json"
+
+
+def _rates_path() -> Any:
+    from comptrust.paths import home
+
+    return home() / RATES_FILE
+
+
+def load_rates() -> dict[str, Any]:
+    """Rates measured by earlier studies on this machine ({key: {"eval": work/s, "compress": {method: s}}})."""
+    try:
+        d = json.loads(_rates_path().read_text(encoding="utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError, Exception):  # a missing or damaged file is no prior, never a failure
+        return {}
+
+
+def save_rate(key: str, kind: str, value: float, method: str | None = None) -> None:
+    """Keep a measured rate for the next study's up-front estimate (best effort: a read-only home is no error)."""
+    try:
+        rates = load_rates()
+        entry = rates.setdefault(key, {})
+        if kind == "compress" and method:
+            entry.setdefault("compress", {})[method] = round(value, 2)
+        else:
+            entry["eval"] = round(value, 2)
+        path = _rates_path()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(rates, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except Exception:
+        pass
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else _clock(seconds)
+
+
+class StudyProgress:
+    """The study's own lines: an estimate before any unit runs, improved as units finish; failed units apart.
+
+    todo: the plan's rows of units still to run, in execution order ({"kind": "compress"|"eval", "perspective",
+    "variant", ...}); work: estimated cost per perspective (work_of of its prompts); methods: variant name ->
+    compression method; key: what the stored rates are kept under (model, backend, device, host).
+    Calls (the runner's, and the Ray executor's): say(msg) prints a line; finished(kind, n, seconds, failed=...)
+    after each unit (or an instance's eval units together); blocked(n) for eval units that will not run.
+    """
+
+    def __init__(self, total: int, done: int, todo: Sequence[Mapping[str, Any]] = (),
+                 work: Mapping[str, float] | None = None, methods: Mapping[str, str] | None = None,
+                 key: str | None = None, stream: TextIO | None = None):
+        self.total, self.done, self.failed, self.t0 = total, done, 0, time.time()
+        self.stream = stream
+        self.work = dict(work or {})
+        self.methods = dict(methods or {})
+        self.key = key
+        self.queue: dict[str, list[Mapping[str, Any]]] = {"compress": [], "eval": []}
+        for r in todo:
+            self.queue.setdefault(r["kind"], []).append(r)
+        stored = load_rates().get(key or "", {}) if key else {}
+        self.eval_prior: tuple[float, str] | None = (
+            (float(stored["eval"]), "measured before") if isinstance(stored.get("eval"), (int, float)) else None)
+        self.compress_prior: dict[str, float] = {m: float(s) for m, s in (stored.get("compress") or {}).items()
+                                                 if isinstance(s, (int, float))}
+        self.eval_done: list[tuple[float, float]] = []  # (work, seconds) of eval units that finished done
+        self.compress_done: dict[str, list[float]] = {}
+
+    @property
+    def left(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.queue.items()}
+
+    def __call__(self, msg: str) -> None:
+        print(f"[study] {msg}", file=self.stream or sys.stderr, flush=True)
+
+    # -- estimate --------------------------------------------------------------------------------------------------
+    def eval_rate(self) -> tuple[float, str]:
+        if self.eval_done:
+            w, s = sum(x for x, _ in self.eval_done), sum(y for _, y in self.eval_done)
+            if s > 0 and w > 0:
+                return w / s, "measured"
+        if self.eval_prior:
+            return self.eval_prior
+        if LAST_RATE.get("work_per_s"):  # the evaluation running now (generation only: a little optimistic)
+            return LAST_RATE["work_per_s"], "measured so far"
+        return DEFAULT_EVAL_RATE, "rough"
+
+    def compress_seconds(self, method: str) -> tuple[float, str]:
+        if self.compress_done.get(method):
+            v = self.compress_done[method]
+            return sum(v) / len(v), "measured"
+        if method in self.compress_prior:
+            return self.compress_prior[method], "measured before"
+        if method in DEFAULT_COMPRESS_S:
+            return DEFAULT_COMPRESS_S[method], "rough"
+        measured = [s for v in self.compress_done.values() for s in v]
+        return (sum(measured) / len(measured), "rough") if measured else (120.0, "rough")
+
+    def estimate(self) -> tuple[float, str]:
+        """(seconds left, how sure): 'measured' once every kind left has a measured rate, else 'rough'/'prior'."""
+        rate, how = self.eval_rate()
+        left = sum(self.work.get(str(r.get("perspective")), 0.0) for r in self.queue["eval"]) / rate
+        hows = {how} if self.queue["eval"] else set()
+        for r in self.queue["compress"]:
+            s, h = self.compress_seconds(self.methods.get(str(r.get("variant")), ""))
+            left += s
+            hows.add(h)
+        sure = "rough" if "rough" in hows else "prior" if hows - {"measured"} else "measured"
+        return left, sure
+
+    def _eta(self) -> str:
+        left, sure = self.estimate()
+        note = {"measured": "", "prior": " (from rates measured before)",
+                "rough": " (rough: no rate measured yet on this machine)"}[sure]
+        return f"ETA {_dur(left)}{note}"
+
+    def announce(self, out_dir: Any) -> None:
+        """The first line: units, what is done, and the estimate before anything runs."""
+        todo = sum(self.left.values())
+        self(f"{self.total} units ({self.done} done, {todo} to run) in {out_dir}"
+             + (f"; {self._eta()}" if todo else ""))
+
+    # -- events ----------------------------------------------------------------------------------------------------
+    def blocked(self, n: int) -> None:
+        """n eval units that will not run (their compression failed): out of the estimate, counted as failed."""
+        del self.queue["eval"][:n]
+        self.failed += n
+
+    def finished(self, kind: str, n: int, seconds: float, failed: bool = False) -> None:
+        units, self.queue[kind] = self.queue.get(kind, [])[:n], self.queue.get(kind, [])[n:]
+        if failed:
+            self.failed += n
+        else:
+            self.done += n
+            if kind == "eval" and seconds > 0:
+                w = sum(self.work.get(str(r.get("perspective")), 0.0) for r in units)
+                if w > 0:
+                    self.eval_done.append((w, seconds))
+                    if self.key:
+                        save_rate(self.key, "eval", self.eval_rate()[0])
+            elif kind == "compress" and units and seconds > 0:
+                method = self.methods.get(str(units[0].get("variant")), "")
+                self.compress_done.setdefault(method, []).append(seconds)
+                if self.key and method:
+                    save_rate(self.key, "compress", seconds, method)
+        finished = self.done + self.failed
+        counts = f"{self.done} done" + (f", {self.failed} failed" if self.failed else "")
+        todo = sum(self.left.values())
+        self(f"{finished}/{self.total} units finished ({counts}), elapsed {_dur(time.time() - self.t0)}"
+             + (f", {self._eta()}" if todo else ""))
