@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE))
 
 import throughput as tp  # noqa: E402  (bench/throughput.py: items, parameter stats, machine limits)
 
+import comptrust.engine.decode as decodemod  # noqa: E402
 import comptrust.engine.hf as hfmod  # noqa: E402
 from comptrust.engine.hf import HFEngine  # noqa: E402
 from comptrust.models.resolve import resolve  # noqa: E402
@@ -88,17 +89,19 @@ class Instrument:
 
             return w
 
-        # engine phases (instance attributes shadow the methods; the module global for the sampler)
-        for attr, name, phase in (("encode", "phase:tokenize", None), ("_prefill", "phase:prefill", "prefill"),
-                                  ("_prefill_simple", "phase:prefill", "prefill"),
-                                  ("_decode_compact", "phase:decode", "decode"),
-                                  ("_decode_static", "phase:decode", "decode"),
-                                  ("_to_generations", "phase:detokenize", None)):
+        # engine phases (instance attributes shadow the methods; module globals for the phase functions that
+        # engine/hf.py calls and for the sampler that engine/decode.py calls)
+        for attr, name, phase in (("encode", "phase:tokenize", None), ("_to_generations", "phase:detokenize", None)):
             setattr(eng, attr, scoped(getattr(eng, attr), name, phase))
             self.restore.append(lambda attr=attr: delattr(eng, attr))
-        orig_sample = hfmod.sample_next
-        hfmod.sample_next = scoped(orig_sample, "sample")
-        self.restore.append(lambda: setattr(hfmod, "sample_next", orig_sample))
+        for mod, attr, name, phase in ((hfmod, "prefill", "phase:prefill", "prefill"),
+                                       (hfmod, "prefill_simple", "phase:prefill", "prefill"),
+                                       (hfmod, "decode_compact", "phase:decode", "decode"),
+                                       (hfmod, "decode_static", "phase:decode", "decode"),
+                                       (decodemod, "sample_next", "sample", None)):
+            orig_fn = getattr(mod, attr)
+            setattr(mod, attr, scoped(orig_fn, name, phase))
+            self.restore.append(lambda mod=mod, attr=attr, orig_fn=orig_fn: setattr(mod, attr, orig_fn))
         for cls, meth, name in ((DynamicLayer, "update", "kv_append"), (DynamicCache, "batch_select_indices", "kv_select")):
             owner = next(k for k in cls.__mro__ if meth in k.__dict__)  # patch where it is defined
             orig = owner.__dict__[meth]

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,8 +33,9 @@ sys.path.insert(0, str(HERE))
 
 import throughput as tp  # noqa: E402
 
-import comptrust.engine.hf as hfmod  # noqa: E402
+import comptrust.engine.attention as attnmod  # noqa: E402
 from comptrust.engine import triton_attn  # noqa: E402
+from comptrust.engine.prefill import init_static_layer  # noqa: E402
 
 
 def cuda_time(fn, reps: int = 50, graph: bool = True) -> float:
@@ -160,7 +161,7 @@ class DecodeStep:
         self.cache = StaticCache(config=cfg, max_cache_len=width)
         for lay in self.cache.layers:
             kv = [torch.randn(rows, hkv, width, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-            hfmod.init_static_layer(lay, *kv)
+            init_static_layer(lay, *kv)
         ar = torch.arange(width, device="cuda")
         self.mask = (ar < visible).view(1, 1, 1, width).expand(rows, 1, 1, width).contiguous()
         self.ids = torch.randint(0, cfg.vocab_size, (rows, 1), device="cuda")
@@ -200,7 +201,7 @@ def compiled_step(lines, model, rows, width, visible) -> None:
     lines.append("| attention | compile s | CUDA-graph step ms | tok/s |")
     lines.append("|---|---|---|---|")
     for mode in ("sdpa", "auto"):
-        hfmod.DECODE_ATTN = mode
+        attnmod.DECODE_ATTN = mode
         torch._dynamo.reset()
         step = DecodeStep(model, rows, width, visible, fwd=torch.compile(model.forward))
         try:
@@ -271,11 +272,11 @@ def step_profile(lines, model, rows, width, visible):
     step = DecodeStep(model, rows, width, visible)
     reset = step.reset
 
-    model.set_attn_implementation(hfmod.ATTN_NAME)
+    model.set_attn_implementation(attnmod.ATTN_NAME)
     lines.append(f"\n## 4. One decode step of the whole model: {rows} rows, {visible} of {width} slots visible\n")
     results = {}
     for mode in ("sdpa", "auto"):
-        hfmod.DECODE_ATTN = mode
+        attnmod.DECODE_ATTN = mode
         with torch.no_grad():
             for _ in range(3):
                 reset()
@@ -329,7 +330,7 @@ def main() -> None:
     check_kernel(lines)
     print("\n".join(lines), flush=True)
     _, model = tp.random_llama7b(args.tokenizer, "cuda", arch=args.arch)
-    hfmod.register_attention()
+    attnmod.register_attention()
     attention_micro(lines, model.config, args.rows, args.width, sorted({160, args.visible, args.width}),
                     lim["bandwidth_measured"])
     if not args.skip_sweep:

@@ -161,7 +161,7 @@ def test_decode_mask_rows_reads_every_mask_form():
     """The visible slots the Triton decode kernel gets, from each mask form transformers may pass."""
     import torch
 
-    from comptrust.engine.hf import _decode_mask_rows
+    from comptrust.engine.attention import _decode_mask_rows
 
     want = torch.tensor([[False, True, True, False], [True, True, True, True]])
     bool4 = want[:, None, None, :].clone()

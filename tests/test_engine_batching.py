@@ -8,15 +8,8 @@ import math
 import pytest
 import torch
 
-from comptrust.engine.hf import (
-    M31,
-    counter_uniform,
-    plan_batches,
-    prefill_groups,
-    row_seed,
-    sample_next,
-    shared_prefixes,
-)
+from comptrust.engine.planning import plan_batches, prefill_groups, shared_prefixes
+from comptrust.engine.sampling import M31, counter_uniform, row_seed, sample_next
 from comptrust.errors import UsageError
 from comptrust.types import GenParams
 

@@ -679,7 +679,7 @@ def test_bounded_chat_template_renders_exactly_what_transformers_renders(embedde
 ])
 def test_hostile_chat_templates_end_in_one_line(template, needle, monkeypatch, embedded_tok):
     from comptrust.engine import chat_template
-    from comptrust.engine.hf import render_prompt
+    from comptrust.engine.prompts import render_prompt
     from comptrust.types import Message
 
     monkeypatch.setattr(chat_template, "MAX_SECONDS", 3.0)

@@ -148,7 +148,7 @@ def test_shared_decode_survives_compaction(tiny):
 
 
 def test_plan_batches_counts_a_shared_prompt_once():
-    from comptrust.engine.hf import plan_batches
+    from comptrust.engine.planning import plan_batches
 
     seqs = [[1] * 100 for _ in range(8)]
     # 8 prompts x n=4, 100-token prompts, 20 new tokens: a copy per row needs 32 x 120 slots, shared 8 x 100 + 32 x 20

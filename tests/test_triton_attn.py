@@ -46,6 +46,7 @@ def test_engine_greedy_outputs_match_sdpa():
     from pathlib import Path
 
     import comptrust.engine.hf as hf
+    from comptrust.engine import attention
     from comptrust.models import resolve
     from comptrust.models.resolve import ResolvedModel
     from comptrust.types import GenParams, Prompt
@@ -63,10 +64,10 @@ def test_engine_greedy_outputs_match_sdpa():
     prompts = [Prompt.chat(("user", "word " * n), params=GenParams(max_new_tokens=20)) for n in (3, 40, 11)]
     outs = {}
     for mode in ("sdpa", "auto"):
-        hf.DECODE_ATTN = mode
+        attention.DECODE_ATTN = mode
         eng = hf.HFEngine(rm, device="cuda", dtype="float32", preloaded=model, loop="static", ignore_eos=True)
         outs[mode] = [g.texts for g in eng.generate(prompts)]
-    hf.DECODE_ATTN = "auto"
+    attention.DECODE_ATTN = "auto"
     assert outs["sdpa"] == outs["auto"]
 
 

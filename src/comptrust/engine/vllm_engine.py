@@ -19,15 +19,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from comptrust.engine.base import Generation
-from comptrust.engine.hf import (
-    encode_prompt,
-    fingerprint_for,
-    load_tokenizer,
-    pick_dtype,
-    quiet_transformers,
-    render_prompt,
-    row_seed,
-)
+from comptrust.engine.hf import pick_dtype, quiet_transformers
+from comptrust.engine.prompts import encode_prompt, fingerprint_for, load_tokenizer, render_prompt
+from comptrust.engine.sampling import row_seed
 from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.models.resolve import ResolvedModel
 from comptrust.types import GenParams, Prompt
