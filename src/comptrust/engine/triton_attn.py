@@ -35,6 +35,59 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _attend_slice(q, kbase, vbase, mrow, sp, SPLIT, T, skt, svt,
+                      R: tl.constexpr, D: tl.constexpr, ONE: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax of R query rows q [R, D] (pre-scaled) over the visible slots of slice sp (SPLIT slots)
+        of one K/V head: returns (max, sum, accumulator), float32, for the combine kernel. ONE: a single query
+        row (R == 1: no matrix product)."""
+        offs_d = tl.arange(0, D)
+        m_i = tl.full([R], float("-inf"), tl.float32)
+        l_i = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D], tl.float32)
+        for t in range(0, SPLIT, BT):
+            offs_t = sp * SPLIT + t + tl.arange(0, BT)
+            m_i, l_i, acc = _attend_block(q, kbase, vbase, mrow, offs_t, offs_d, T, skt, svt, m_i, l_i, acc,
+                                          ONE=ONE, BT=BT, IEEE=IEEE)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _store_partials(Acc, Mx, Ls, base, acc, m_i, l_i, rmask, D: tl.constexpr):
+        """A program's partial result: rows at `base` (flattened (row, query head, slice)), where rmask holds."""
+        offs_d = tl.arange(0, D)
+        tl.store(Acc + base[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None])
+        tl.store(Mx + base, m_i, mask=rmask)
+        tl.store(Ls + base, l_i, mask=rmask)
+
+    @triton.jit
+    def _attend_block(q, kbase, vbase, mrow, offs_t, offs_d, T, skt, svt, m_i, l_i, acc,
+                      ONE: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
+        """One block of BT slots: load the visible K/V slots (predicated loads fetch nothing where the mask hides
+        a slot) and fold them into the online softmax (running max m_i, running sum l_i, accumulator acc)."""
+        inb = offs_t < T  # SPLIT is a multiple of BT, so a block never crosses into the next slice
+        vis = tl.load(mrow + offs_t, mask=inb, other=0) != 0
+        k = tl.load(kbase + offs_t[:, None] * skt + offs_d[None, :], mask=vis[:, None], other=0.0)
+        v = tl.load(vbase + offs_t[:, None] * svt + offs_d[None, :], mask=vis[:, None], other=0.0)
+        if ONE:
+            s = tl.sum(k.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
+        elif IEEE:  # float32 models: full-precision products (Triton's default for a float32 dot is tf32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(vis[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if ONE:
+            acc = acc * alpha[:, None] + tl.sum(p.reshape(BT, 1) * v.to(tl.float32), axis=0)[None, :]
+        elif IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_split(
         Q, K, V, M, Acc, Mx, Ls,
         sqb, sqh, skb, skh, skt, svb, svh, svt, smb,
@@ -52,42 +105,11 @@ if triton is not None:
         gmask = offs_g < G
         q = tl.load(Q + b * sqb + (kvh * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=gmask[:, None], other=0.0)
         q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
-        m_i = tl.full([BG], float("-inf"), tl.float32)
-        l_i = tl.zeros([BG], tl.float32)
-        acc = tl.zeros([BG, D], tl.float32)
-        t_lo = sp * SPLIT
-        kbase = K + b * skb + kvh * skh
-        vbase = V + b * svb + kvh * svh
-        for t in range(0, SPLIT, BT):
-            offs_t = t_lo + t + tl.arange(0, BT)
-            inb = offs_t < T  # SPLIT is a multiple of BT, so a block never crosses into the next slice
-            vis = tl.load(M + b * smb + offs_t, mask=inb, other=0) != 0
-            k = tl.load(kbase + offs_t[:, None] * skt + offs_d[None, :], mask=vis[:, None], other=0.0)
-            v = tl.load(vbase + offs_t[:, None] * svt + offs_d[None, :], mask=vis[:, None], other=0.0)
-            if BG == 1:
-                s = tl.sum(k.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
-            elif IEEE:  # float32 models: full-precision products (Triton's default for a float32 dot is tf32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(vis[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if BG == 1:
-                acc = acc * alpha[:, None] + tl.sum(p.reshape(BT, 1) * v.to(tl.float32), axis=0)[None, :]
-            elif IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v)
-            m_i = m_new
+        m_i, l_i, acc = _attend_slice(q, K + b * skb + kvh * skh, V + b * svb + kvh * svh, M + b * smb, sp, SPLIT, T,
+                                      skt, svt, R=BG, D=D, ONE=BG == 1, BT=BT, IEEE=IEEE)
         hq = kvh * G + offs_g
         base = (b * tl.num_programs(1) * G + hq) * NSPT + SPOFF + sp  # [B, Hq, NSPT] flattened
-        tl.store(Acc + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
-        tl.store(Mx + base, m_i, mask=gmask)
-        tl.store(Ls + base, l_i, mask=gmask)
+        _store_partials(Acc, Mx, Ls, base, acc, m_i, l_i, gmask, D=D)
 
     @triton.jit
     def _prefix_split(
@@ -114,37 +136,9 @@ if triton is not None:
         hq = kvh * G + h
         q = tl.load(Q + row[:, None] * sqb + hq[:, None] * sqh + offs_d[None, :], mask=imask[:, None], other=0.0)
         q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
-        m_i = tl.full([BR], float("-inf"), tl.float32)
-        l_i = tl.zeros([BR], tl.float32)
-        acc = tl.zeros([BR, D], tl.float32)
-        t_lo = sp * SPLIT
-        kbase = K + p * skp + kvh * skh
-        vbase = V + p * svp + kvh * svh
-        for t in range(0, SPLIT, BT):
-            offs_t = t_lo + t + tl.arange(0, BT)
-            inb = offs_t < T
-            vis = tl.load(M + p * smp + offs_t, mask=inb, other=0) != 0
-            k = tl.load(kbase + offs_t[:, None] * skt + offs_d[None, :], mask=vis[:, None], other=0.0)
-            v = tl.load(vbase + offs_t[:, None] * svt + offs_d[None, :], mask=vis[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(vis[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            pr = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pr.to(V.dtype.element_ty), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pr.to(V.dtype.element_ty), v)
-            m_i = m_new
-        base = (row * HQ + hq) * NSPT + sp
-        tl.store(Acc + base[:, None] * D + offs_d[None, :], acc, mask=imask[:, None])
-        tl.store(Mx + base, m_i, mask=imask)
-        tl.store(Ls + base, l_i, mask=imask)
+        m_i, l_i, acc = _attend_slice(q, K + p * skp + kvh * skh, V + p * svp + kvh * svh, M + p * smp, sp, SPLIT, T,
+                                      skt, svt, R=BR, D=D, ONE=False, BT=BT, IEEE=IEEE)
+        _store_partials(Acc, Mx, Ls, (row * HQ + hq) * NSPT + sp, acc, m_i, l_i, imask, D=D)
 
     @triton.jit
     def _decode_combine(Acc, Mx, Ls, O, NSP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
@@ -234,39 +228,88 @@ def _make_custom_op():
         return None
 
 
-def _launch(q, k, v, mask, scale: float):
-    """q [B, Hq, 1, D], k/v [B, Hkv, T, D], mask [B, T] (bool or 0/1) -> [B, Hq, 1, D] in q's dtype."""
-    import torch
-
-    b, hq, one, d = q.shape
-    hkv, t = k.shape[1], k.shape[2]
+def _check_shapes(q, k, v) -> None:
+    hq, one, d = q.shape[1:]
+    hkv = k.shape[1]
     assert one == 1 and hq % hkv == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert d in (16, 32, 64, 128, 256), f"head dim {d} not supported by the Triton decode kernel"
-    g = hq // hkv
-    bg = 1 if g == 1 else max(16, triton.next_power_of_2(g))
-    bt, warps, per_sm, stages = _TUNE
-    bt = bt if d <= 128 else min(bt, 32)
-    qs = q.reshape(b, hq, d)
-    if qs.stride(-1) != 1:
-        qs = qs.contiguous()
-    if mask.stride(-1) != 1:
-        mask = mask.contiguous()
-    nsp = _num_splits(b, hkv, t, _sm_count(q.device.index or 0), bt, per_sm)
-    split = -(-t // nsp)
-    split = -(-split // bt) * bt
-    nsp = -(-t // split)
-    acc = torch.empty((b, hq, nsp, d), dtype=torch.float32, device=q.device)
-    mx = torch.empty((b, hq, nsp), dtype=torch.float32, device=q.device)
-    ls = torch.empty((b, hq, nsp), dtype=torch.float32, device=q.device)
-    _decode_split[(b, hkv, nsp)](
+
+
+def _last_dim_dense(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _as_mask_bytes(mask):
+    """A [N, T] mask as one dense byte per slot (a real cast: torch.compile's inductor cannot lower a bool ->
+    uint8 bitcast)."""
+    import torch
+
+    return _last_dim_dense((mask != 0).to(torch.uint8) if mask.dtype != torch.uint8 else mask)
+
+
+def _tuning(tune: list[int], d: int) -> tuple[int, int, int, int]:
+    """(block of slots, warps, programs per SM, stages); head dims above 128 get blocks of 32 slots at most."""
+    bt, warps, per_sm, stages = tune
+    return (bt if d <= 128 else min(bt, 32)), warps, per_sm, stages
+
+
+def _slices(programs: int, hkv: int, t: int, sms: int, bt: int, per_sm: int) -> tuple[int, int]:
+    """(number of slices, slots per slice) that cut T for `programs` x hkv programs, a slice a whole number of
+    BT blocks."""
+    split = _round_up(-(-t // _num_splits(programs, hkv, t, sms, bt, per_sm)), bt)
+    return -(-t // split), split
+
+
+def _partials(b: int, hq: int, nspt: int, d: int, device):
+    """The split kernels' outputs, merged by _combine: per (row, query head, slice) accumulator, max, sum."""
+    import torch
+
+    return (torch.empty((b, hq, nspt, d), dtype=torch.float32, device=device),
+            torch.empty((b, hq, nspt), dtype=torch.float32, device=device),
+            torch.empty((b, hq, nspt), dtype=torch.float32, device=device))
+
+
+def _launch_rows(qs, k, v, mask, parts, scale: float, split: int, nsp: int, nspt: int, offset: int, g: int,
+                 tune: tuple[int, int, int, int]) -> None:
+    """The one-row kernel over k/v [B, Hkv, T, D] with mask [B, T]: nsp slices of `split` slots, written to
+    slices offset.. of nspt per (row, query head)."""
+    import torch
+
+    b, _, d = qs.shape
+    bt, warps, _, stages = tune
+    acc, mx, ls = parts
+    _decode_split[(b, k.shape[1], nsp)](
         qs, k, v, mask, acc, mx, ls,
         qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0), scale, t, split, nsp, 0,
-        G=g, BG=bg, D=d, BT=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        mask.stride(0), scale, k.shape[2], split, nspt, offset,
+        G=g, BG=1 if g == 1 else max(16, triton.next_power_of_2(g)), D=d, BT=bt, IEEE=qs.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
     )
+
+
+def _combine(parts, q, nspt: int):
+    """Merge the nspt partial softmaxes of every (row, query head) -> [B, Hq, 1, D] in q's dtype."""
+    import torch
+
+    b, hq, _, d = q.shape
+    acc, mx, ls = parts
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
-    _decode_combine[(b * hq,)](acc, mx, ls, out, NSP=nsp, BS=max(2, triton.next_power_of_2(nsp)), D=d)
+    _decode_combine[(b * hq,)](acc, mx, ls, out, NSP=nspt, BS=max(2, triton.next_power_of_2(nspt)), D=d)
     return out.view(b, hq, 1, d)
+
+
+def _launch(q, k, v, mask, scale: float):
+    """q [B, Hq, 1, D], k/v [B, Hkv, T, D], mask [B, T] (bool or 0/1) -> [B, Hq, 1, D] in q's dtype."""
+    _check_shapes(q, k, v)
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    tune = _tuning(_TUNE, d)
+    qs = _last_dim_dense(q.reshape(b, hq, d))
+    mask = _last_dim_dense(mask)
+    nsp, split = _slices(b, hkv, t, _sm_count(q.device.index or 0), tune[0], tune[2])
+    parts = _partials(b, hq, nsp, d, q.device)
+    _launch_rows(qs, k, v, mask, parts, scale, split, nsp, nsp, 0, hq // hkv, tune)
+    return _combine(parts, q, nsp)
 
 
 _OP = _make_custom_op()
@@ -292,40 +335,24 @@ def shared_prefix_decode_attention(q, pk, pv, pmask, blocks, rows_per_block: int
     softmaxes by log-sum-exp."""
     import torch
 
-    b, hq, one, d = q.shape
+    _check_shapes(q, pk, pv)
+    _check_shapes(q, sk, sv)
+    b, hq, _, d = q.shape
     hkv, tp, ts = pk.shape[1], pk.shape[2], sk.shape[2]
-    assert one == 1 and hq % hkv == 0 and pk.stride(-1) == 1 and pv.stride(-1) == 1
-    assert sk.stride(-1) == 1 and sv.stride(-1) == 1
-    assert d in (16, 32, 64, 128, 256), f"head dim {d} not supported by the Triton decode kernel"
     g = hq // hkv
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    pmask = (pmask != 0).to(torch.uint8) if pmask.dtype != torch.uint8 else pmask
-    smask = (smask != 0).to(torch.uint8) if smask.dtype != torch.uint8 else smask
-    if pmask.stride(-1) != 1:
-        pmask = pmask.contiguous()
-    if smask.stride(-1) != 1:
-        smask = smask.contiguous()
-    qs = q.reshape(b, hq, d)
-    if qs.stride(-1) != 1:
-        qs = qs.contiguous()
+    pmask, smask = _as_mask_bytes(pmask), _as_mask_bytes(smask)
+    qs = _last_dim_dense(q.reshape(b, hq, d))
     sms = _sm_count(q.device.index or 0)
-    # prefix: one program per (block, KV head, slice)
-    pbt, pwarps, pper_sm, pstages = PREFIX_TUNING
-    pbt = pbt if d <= 128 else min(pbt, 32)
+    # prefix: one program per (block, KV head, slice); suffix: the one-row kernel
+    pbt, pwarps, pper_sm, pstages = _tuning(PREFIX_TUNING, d)
     nb = blocks.shape[0]
-    nsp_p = _num_splits(nb, hkv, tp, sms, pbt, pper_sm)
-    split_p = _round_up(-(-tp // nsp_p), pbt)
-    nsp_p = -(-tp // split_p)
-    # suffix: the one-row kernel
-    bt, warps, per_sm, stages = _TUNE
-    bt = bt if d <= 128 else min(bt, 32)
-    nsp_s = _num_splits(b, hkv, ts, sms, bt, per_sm)
-    split_s = _round_up(-(-ts // nsp_s), bt)
-    nsp_s = -(-ts // split_s)
+    nsp_p, split_p = _slices(nb, hkv, tp, sms, pbt, pper_sm)
+    tune = _tuning(_TUNE, d)
+    nsp_s, split_s = _slices(b, hkv, ts, sms, tune[0], tune[2])
     nspt = nsp_p + nsp_s
-    acc = torch.empty((b, hq, nspt, d), dtype=torch.float32, device=q.device)
-    mx = torch.empty((b, hq, nspt), dtype=torch.float32, device=q.device)
-    ls = torch.empty((b, hq, nspt), dtype=torch.float32, device=q.device)
+    parts = _partials(b, hq, nspt, d, q.device)
+    acc, mx, ls = parts
     br = max(16, triton.next_power_of_2(rows_per_block * g))
     _prefix_split[(nb, hkv, nsp_p)](
         qs, pk, pv, pmask, blocks, acc, mx, ls,
@@ -333,13 +360,5 @@ def shared_prefix_decode_attention(q, pk, pv, pmask, blocks, rows_per_block: int
         pmask.stride(0), scale, tp, split_p, hq, nspt,
         G=g, BR=br, D=d, BT=pbt, IEEE=q.dtype == torch.float32, num_warps=pwarps, num_stages=pstages,
     )
-    bg = 1 if g == 1 else max(16, triton.next_power_of_2(g))
-    _decode_split[(b, hkv, nsp_s)](
-        qs, sk, sv, smask, acc, mx, ls,
-        qs.stride(0), qs.stride(1), sk.stride(0), sk.stride(1), sk.stride(2), sv.stride(0), sv.stride(1), sv.stride(2),
-        smask.stride(0), scale, ts, split_s, nspt, nsp_p,
-        G=g, BG=bg, D=d, BT=bt, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
-    )
-    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
-    _decode_combine[(b * hq,)](acc, mx, ls, out, NSP=nspt, BS=max(2, triton.next_power_of_2(nspt)), D=d)
-    return out.view(b, hq, 1, d)
+    _launch_rows(qs, sk, sv, smask, parts, scale, split_s, nsp_s, nspt, nsp_p, g, tune)
+    return _combine(parts, q, nspt)
