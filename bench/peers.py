@@ -41,7 +41,7 @@ from comptrust.models import resolve  # noqa: E402
 from comptrust.models.resolve import embedded_gguf  # noqa: E402
 from comptrust.perspectives.base import EvalOptions  # noqa: E402
 from comptrust.perspectives.stereotype import Stereotype  # noqa: E402
-from comptrust.serve.llamacpp import llama_cpp_available  # noqa: E402
+from comptrust.engine.llamacpp import llama_cpp_available  # noqa: E402
 from comptrust.types import GenParams, Prompt  # noqa: E402
 
 SHARED_DT = Path(__file__).resolve().parents[2] / "shared" / "data" / "decodingtrust"

@@ -37,7 +37,7 @@ from comptrust.models import resolve  # noqa: E402
 from comptrust.models.resolve import embedded_gguf  # noqa: E402
 from comptrust.perspectives.base import EvalOptions  # noqa: E402
 from comptrust.perspectives.stereotype import Stereotype  # noqa: E402
-from comptrust.serve.llamacpp import gguf_engine  # noqa: E402
+from comptrust.engine.llamacpp import gguf_engine  # noqa: E402
 from comptrust.types import GenParams  # noqa: E402
 
 

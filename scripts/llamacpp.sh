@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install llama-cpp-python (its OpenAI-compatible server and quantize API: what comptrust.serve uses) into the
+# Install llama-cpp-python (its OpenAI-compatible server and quantize API: what comptrust.engine.llamacpp uses) into the
 # active venv, compiling only the C/C++ its Python code loads: libllama and ggml, from the llama.cpp sources that
 # its own sdist vendors (so the ctypes bindings and the libraries are the same commit). Plain
 # `pip install llama-cpp-python` also compiles llama.cpp's `common` library, which the Python package never loads,

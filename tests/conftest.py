@@ -58,7 +58,7 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("COMPTRUST_REQUIRE_LLAMACPP") == "1" and not hasattr(config, "workerinput"):
         # CI sets this: there the served-GGUF tests (a real llama.cpp server) must run, never skip silently
-        from comptrust.serve.llamacpp import llama_cpp_available
+        from comptrust.engine.llamacpp import llama_cpp_available
 
         why = llama_cpp_available()
         if why:

@@ -249,7 +249,7 @@ def test_cli_evaluates_a_served_model(fake, tmp_path):
 
 
 def test_unreachable_endpoint():
-    from comptrust.serve.llamacpp import free_port
+    from comptrust.engine.llamacpp import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     eng = OpenAIEngine(url, "m", max_retries=1, backoff=0.01, timeout=5)
@@ -353,7 +353,7 @@ def test_api_key_sent_but_never_stored(fake, monkeypatch, tmp_path):
 # -- llama-cpp-python's server with the embedded GGUF -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_server():
-    from comptrust.serve.llamacpp import (
+    from comptrust.engine.llamacpp import (
         LLAMACPP_NEUTRAL_SAMPLING,
         LlamaCppServer,
         llama_cpp_available,
@@ -445,7 +445,7 @@ def test_llamacpp_restart_mid_run_and_cache(llama_server, tmp_path):
 
 @pytest.mark.model
 def test_llamacpp_server_stops_on_interrupt_and_reports_a_bad_gguf(llama_server, tmp_path):
-    from comptrust.serve.llamacpp import LlamaCppServer
+    from comptrust.engine.llamacpp import LlamaCppServer
 
     srv = LlamaCppServer(llama_server[0].gguf_path, n_ctx=256)
     with pytest.raises(KeyboardInterrupt), srv as url:

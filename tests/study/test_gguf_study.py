@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from comptrust.serve.llamacpp import llama_cpp_available
+from comptrust.engine.llamacpp import llama_cpp_available
 
 pytestmark = pytest.mark.model
 

@@ -58,7 +58,7 @@ def main_type(path: Path) -> str | None:
 @lru_cache(maxsize=32)
 def _main_type(path: str, size: int, mtime_ns: int) -> str | None:
     """Read once per file version: Variant.bits() asks for every sort, description and recommendation."""
-    from comptrust.serve.llamacpp import gguf_tensor_types
+    from comptrust.engine.llamacpp import gguf_tensor_types
 
     try:
         counts = Counter(gguf_tensor_types(path))
@@ -123,7 +123,7 @@ def prepare(model: str | None, settings: dict[str, Any], ckpt: Path) -> dict[str
     record: dict[str, Any] = {"method": "gguf", "source": str(src.resolve()), "source_type": main_type(src),
                               **{k: v for k, v in settings.items() if v is not None}}
     if settings.get("quant"):
-        from comptrust.serve.llamacpp import quantize_gguf
+        from comptrust.engine.llamacpp import quantize_gguf
 
         q = quantize_gguf(src, tmp / MODEL_FILE, str(settings["quant"]))
         record.update(quantize_seconds=round(q["seconds"], 2), bytes=q["bytes"], tensor_types=q["tensor_types"])

@@ -42,7 +42,7 @@ ENGINES: dict[str, EngineEntry] = {
 }
 # ... and backends that serve a model file through a server started here (engine.select.open_engine)
 SERVED: dict[str, EngineEntry] = {
-    "llamacpp": EngineEntry("llamacpp", "comptrust.serve.llamacpp:gguf_engine", weights=False),
+    "llamacpp": EngineEntry("llamacpp", "comptrust.engine.llamacpp:gguf_engine", weights=False),
 }
 BACKENDS = ("auto", *ENGINES)  # --backend for weights (study files: gguf variants pick llamacpp themselves)
 ALL_BACKENDS = (*BACKENDS, *SERVED)  # --backend of evaluate

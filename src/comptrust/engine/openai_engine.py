@@ -24,7 +24,7 @@ Cache identity
   fingerprint = "openai:<base-url>#<model-name>:<id the server reports in GET {base}/models>" (fetched lazily,
   once). The endpoint, the name and the reported id stand in for the weight fingerprint: a different model
   served under the same URL and name shares cached answers, so give each served variant its own name (or pass
-  identity=, as serve.llamacpp.gguf_engine does with the GGUF's content hash). chat=False and extra_body, which
+  identity=, as engine.llamacpp.gguf_engine does with the GGUF's content hash). chat=False and extra_body, which
   change outputs, are appended. The API key is never part of it.
 
 Failures
