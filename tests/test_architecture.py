@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "comptrust.store": 1, "comptrust.types": 1, "comptrust.errors": 1, "comptrust.paths": 1,
     "comptrust.failpoints": 1, "comptrust.data_sources": 1, "comptrust.results": 1, "comptrust.logs": 1,
     "comptrust.progress": 1, "comptrust.outputs": 1, "comptrust.genkwargs": 1, "comptrust.cpu": 1,
-    "comptrust.extras": 1, "comptrust.suites": 1,
+    "comptrust.extras": 1, "comptrust.suites": 1, "comptrust.tracking": 1,
 }
 NAMES = {6: "entry", 5: "study", 4: "compress/evaluate", 3: "perspectives/engine", 2: "models", 1: "store/types"}
 

@@ -139,6 +139,15 @@ def evaluate(
         False, "--log-samples", "--log_samples",
         help="Accepted for lm-eval users; comptrust always writes every prompt, output and parse to generations.jsonl.",
     ),
+    mlflow: bool = typer.Option(
+        False, "--mlflow",
+        help="Log config, scores, CIs, refusal rates and scores.json / generations.jsonl to MLflow (MLFLOW_TRACKING_URI; "
+        "default ./mlruns, a local file store). Needs mlflow-skinny.",
+    ),
+    wandb: bool = typer.Option(
+        False, "--wandb",
+        help="The same to Weights & Biases (WANDB_PROJECT, default comptrust; WANDB_MODE=offline). Needs wandb.",
+    ),
 ) -> None:
     """Evaluate a model on DecodingTrust perspectives; writes scores.json and generations.jsonl to --out.
 
@@ -158,6 +167,9 @@ def evaluate(
       comptrust evaluate --config run.yaml --out runs/from-file
     """
     _answer_extra_args(ctx)
+    from comptrust import tracking
+
+    tracking.check(mlflow=mlflow, wandb=wandb)  # a missing tracker: one line with the pip line, before any work
     if perspectives.strip().lower() == "list":  # lm-eval's `--tasks list`
         _print_perspectives([limit or 1])
         return
@@ -188,6 +200,8 @@ def evaluate(
     with third_party_to_log(out / LOG_NAME):
         result = run_evaluate(model, perspectives, out, config=cfg, progress=progress, cli_names=True)
     _print_scores(result)
+    for line in tracking.log_evaluation(out, mlflow=mlflow, wandb=wandb) if (mlflow or wandb) else []:
+        print(f"[comptrust] logged to {line}", file=sys.stderr)
 
 
 LOG_NAME = "comptrust.log"  # transformers' / llm-compressor's bars and warnings, out of the terminal
@@ -214,7 +228,7 @@ LM_EVAL_ANSWERS = {
     "--check_integrity": "the tests are run with pytest (make test)",
     "--predict_only": "generations.jsonl is always written; scores come with it",
     "--trust_remote_code": "comptrust never runs code shipped with a checkpoint",
-    "--wandb_args": "not supported; scores.json and the study's results.json are the records to log",
+    "--wandb_args": "use --wandb (project from WANDB_PROJECT, WANDB_MODE=offline for no network); --mlflow for MLflow",
     "--hf_hub_log_args": "not supported; scores.json and generations.jsonl are the records to upload",
     "--verbosity": "comptrust's own warnings go to stderr; third-party logs to --out/comptrust.log",
     "--samples": "use --limit N (items per sub-scenario) and --seed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +55,8 @@ def study_command(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto, or 10.0.0.1:6379); default: start a local one."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Size of the local Ray cluster in CPUs (one unit per CPU; default: all cores). GPUs are used one per unit when present."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Where compressed checkpoints go (default DIR/models); with Ray on several nodes, a path every node can read."),
+    mlflow: bool = typer.Option(False, "--mlflow", help="Log the study (its keys, every variant's scores, deltas, CIs, refusal rates; results.json, results.csv, report.html) to MLflow (MLFLOW_TRACKING_URI; default ./mlruns, a local file store). Needs mlflow-skinny."),
+    wandb: bool = typer.Option(False, "--wandb", help="The same to Weights & Biases (WANDB_PROJECT; WANDB_MODE=offline). Needs wandb."),
     adaptive: bool = typer.Option(False, "--adaptive", help="Evaluate in rounds (looks) of further items, only for (variant, perspective) pairs still undecided, until decided or the pool is spent; group-sequential (O'Brien-Fleming-type alpha spending), so repeated looks keep the false-keep rate <= alpha. Settings: the study key 'adaptive'. Rounds in DIR/rounds, summary in DIR/adaptive.json."),
 ) -> None:
     from comptrust.study.spec import example_yaml, load_spec
@@ -86,6 +89,9 @@ def study_command(
         raise UsageError(f"--workers {workers}: must be at least 1")
     if executor == "local" and (ray_address or workers):
         raise UsageError("--ray-address and --workers need --executor ray")
+    from comptrust import tracking
+
+    tracking.check(mlflow=mlflow, wandb=wandb)
     spec = load_spec(spec_file, preset=preset)
     from comptrust.extras import require
 
@@ -99,6 +105,7 @@ def study_command(
 
         doc = run_adaptive(spec, out, Settings.of(spec.adaptive or True), progress=progress)
         _print_adaptive(out, doc)
+        _track(out, mlflow, wandb)
         return
     # llm-compressor's per-layer bars and log lines, transformers' and torch's warnings: into DIR/comptrust.log
     from comptrust.evaluate import check_out_dir
@@ -109,6 +116,16 @@ def study_command(
         analysis = run_study(spec, out, progress=progress, executor=executor, ray_address=ray_address,
                              workers=workers, models_dir=models_dir)
     _print_summary(out, analysis)
+    _track(out, mlflow, wandb)
+
+
+def _track(out: Path, mlflow: bool, wandb: bool) -> None:
+    if not (mlflow or wandb):
+        return
+    from comptrust import tracking
+
+    for line in tracking.log_study(out, mlflow=mlflow, wandb=wandb):
+        print(f"[study] logged to {line}", file=sys.stderr)
 
 
 def _print_adaptive(out: Path, doc: dict) -> None:
@@ -184,7 +201,28 @@ def _print_summary(out: Path, analysis: dict) -> None:
     c = Console()
     c.print(t)
     c.print(analysis["recommendation"]["text"])
+    counts = _unit_counts(out)
+    if counts:  # failed units said as failed (the table shows their cells as 'failed'), not folded into 'done'
+        c.print("units: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     c.print(f"report: {out / 'report.html'}  ·  {out / 'results.csv'}")
+
+
+def _unit_counts(out: Path) -> dict[str, int]:
+    """done / failed / blocked / pending units of the study in `out` (empty when it cannot be read)."""
+    from comptrust.store import STORE_NAME, Store
+    from comptrust.study.plan import Plan, load_study
+
+    try:
+        spec = load_study(out)
+        with Store(out / STORE_NAME, readonly=True) as store:
+            rows = Plan.of(spec).status(store.units())
+    except Exception:  # a summary line is never worth failing a finished study over
+        return {}
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    order = ["done", "failed", "blocked", "stale", "pending"]
+    return dict(sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def report_command(out: Path = typer.Argument(..., metavar="DIR", help="A study directory.")) -> None:
