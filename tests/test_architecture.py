@@ -1,6 +1,6 @@
 """The import graph of src/comptrust, read with `ast`: no cycles, and no edge pointing up the layers
 
-    cli/api/commands -> study -> {report, compress, evaluate, config} -> {perspectives, engine, serve}
+    cli/api/commands -> study -> {report, compress, evaluate, config} -> {perspectives, engine}
                      -> models -> store/types/errors (and other leaf utilities)
 
 Every import counts, including the lazy ones inside functions (a lazy import is still a dependency; it only
@@ -31,8 +31,8 @@ LAYERS: dict[str, int] = {
     # 4: one evaluation, one compression, the run config; the report (a pure renderer of results.StudyReport: it
     # imports only results, types and errors, so it sits below the study that builds the result)
     "comptrust.compress": 4, "comptrust.evaluate": 4, "comptrust.config": 4, "comptrust.report": 4,
-    # 3: perspectives and engines (serve: the llama.cpp backend, an engine too)
-    "comptrust.perspectives": 3, "comptrust.engine": 3, "comptrust.serve": 3, "comptrust.toxicity_scorers": 3,
+    # 3: perspectives and engines (engine.llamacpp: the llama.cpp backend, an engine too)
+    "comptrust.perspectives": 3, "comptrust.engine": 3, "comptrust.toxicity_scorers": 3,
     # 2: models
     "comptrust.models": 2,
     # 1: the store, types and leaf utilities
@@ -190,7 +190,7 @@ def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path):
     # methods.py imports the compression config only for type checking
     assert "comptrust.compress.config" not in graph()["comptrust.compress.methods"]
     # registry entries count: the engine registry names the llama.cpp server module
-    assert "comptrust.serve.llamacpp" in graph()["comptrust.engine"]
+    assert "comptrust.engine.llamacpp" in graph()["comptrust.engine"]
     # the tiny Tarjan finds a planted cycle
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
