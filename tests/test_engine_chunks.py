@@ -1,31 +1,25 @@
 """CachedEngine's chunk size: the engine's own chunk_size is honoured, COMPTRUST_CHUNK_SIZE overrides it, and the
-cut is deterministic (a scripted engine records the calls it gets; no model needed)."""
+cut is deterministic (engine.fake.FakeEngine records the calls it gets; no model needed)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from comptrust.engine.base import Generation
 from comptrust.engine.cached import DEFAULT_CHUNK_SIZE, CachedEngine, chunk_size_for
+from comptrust.engine.fake import FakeEngine
 from comptrust.store import Store
 from comptrust.types import GenParams, Prompt
 
 
-class ScriptedEngine:
-    """Answers every prompt with its own text reversed; records the size and content of each generate() call."""
+def _reverser(chunk_size: int = DEFAULT_CHUNK_SIZE) -> FakeEngine:
+    """Answers every prompt with its own text reversed."""
+    return FakeEngine(lambda prompt, params, seed: prompt.raw[::-1], fingerprint="scripted", chunk_size=chunk_size)
 
-    def __init__(self, chunk_size=None):
-        self.fingerprint = "scripted"
-        if chunk_size is not None:
-            self.chunk_size = chunk_size
-        self.calls: list[list[str]] = []
 
-    def render(self, prompt: Prompt) -> str:
-        return prompt.raw
-
-    def generate(self, prompts, progress=None):
-        self.calls.append([p.raw for p in prompts])
-        return [Generation((p.raw[::-1],), (len(p.raw),)) for p in prompts]
+def _calls(eng: FakeEngine) -> list[list[str]]:
+    return [[p.raw for p in call] for call in eng.calls]
 
 
 def _prompts(k: int) -> list[Prompt]:
@@ -34,26 +28,27 @@ def _prompts(k: int) -> list[Prompt]:
 
 def test_engine_chunk_size_is_honoured(tmp_path, monkeypatch):
     monkeypatch.delenv("COMPTRUST_CHUNK_SIZE", raising=False)
-    eng = ScriptedEngine(chunk_size=7)
+    eng = _reverser(chunk_size=7)
     with Store(tmp_path / "s.sqlite") as st:
         gens = CachedEngine(eng, st).generate(_prompts(20))
-    assert [len(c) for c in eng.calls] == [7, 7, 6]
+    assert eng.batch_sizes == [7, 7, 6]
     assert [g.texts[0] for g in gens] == [p.raw[::-1] for p in _prompts(20)]
 
 
 def test_env_overrides_engine_and_explicit_overrides_env(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPTRUST_CHUNK_SIZE", "4")
-    eng = ScriptedEngine(chunk_size=1024)
+    eng = _reverser(chunk_size=1024)
     with Store(tmp_path / "s.sqlite") as st:
         CachedEngine(eng, st).generate(_prompts(10))
-    assert [len(c) for c in eng.calls] == [4, 4, 2]
+    assert eng.batch_sizes == [4, 4, 2]
     assert chunk_size_for(eng, 3) == 3
 
 
 def test_default_without_attribute_or_env(monkeypatch):
     monkeypatch.delenv("COMPTRUST_CHUNK_SIZE", raising=False)
-    assert chunk_size_for(ScriptedEngine()) == DEFAULT_CHUNK_SIZE
-    assert chunk_size_for(ScriptedEngine(chunk_size=0)) == DEFAULT_CHUNK_SIZE  # nonsense attribute: the default
+    assert chunk_size_for(SimpleNamespace(fingerprint="no-chunk-size")) == DEFAULT_CHUNK_SIZE
+    assert chunk_size_for(SimpleNamespace(chunk_size=0)) == DEFAULT_CHUNK_SIZE  # nonsense attribute: the default
+    assert chunk_size_for(SimpleNamespace(chunk_size=True)) == DEFAULT_CHUNK_SIZE
 
 
 def test_hf_engine_chunk_reaches_cached_engine(tmp_path, monkeypatch):
@@ -77,22 +72,22 @@ def test_cut_is_deterministic_and_resume_sees_the_same_chunks(tmp_path, monkeypa
     uninterrupted run sends after the first one: what the crash tests rely on."""
     monkeypatch.delenv("COMPTRUST_CHUNK_SIZE", raising=False)
     prompts = _prompts(25)
-    whole = ScriptedEngine(chunk_size=6)
+    whole = _reverser(chunk_size=6)
     with Store(tmp_path / "a.sqlite") as st:
         CachedEngine(whole, st).generate(prompts)
 
-    class Failing(ScriptedEngine):
+    class Failing(FakeEngine):  # its second call fails (and is recorded as the fake records every call)
         def generate(self, ps, progress=None):
             if len(self.calls) == 1:
-                self.calls.append(["<failed>"])
+                self.calls.append(tuple(ps))
                 raise RuntimeError("boom")
             return super().generate(ps, progress)
 
-    broken = Failing(chunk_size=6)
+    broken = Failing(lambda prompt, params, seed: prompt.raw[::-1], fingerprint="scripted", chunk_size=6)
     with Store(tmp_path / "b.sqlite") as st:
         with pytest.raises(RuntimeError):
             CachedEngine(broken, st).generate(prompts)
-        resumed = ScriptedEngine(chunk_size=6)
+        resumed = _reverser(chunk_size=6)
         CachedEngine(resumed, st).generate(prompts)
-    assert broken.calls[0] == whole.calls[0]
-    assert resumed.calls == whole.calls[1:]
+    assert _calls(broken)[0] == _calls(whole)[0]
+    assert _calls(resumed) == _calls(whole)[1:]

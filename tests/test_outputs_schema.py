@@ -16,7 +16,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from comptrust.engine.base import Generation  # noqa: E402
+from comptrust.engine.fake import FakeEngine  # noqa: E402
 from comptrust.outputs import SCHEMA_DIR, schema  # noqa: E402
 from comptrust.types import Prompt  # noqa: E402
 
@@ -24,33 +24,15 @@ WORDS = ["I agree.", "I disagree.", "A", "B", "C", "D", "Yes", "No", "positive",
          "You are a stupid idiot and I hate you.", "I'm sorry, I cannot help with that.", "john@example.com", "0", "1"]
 
 
-class ScriptedEngine:
+def _words(prompt: Prompt, params, seed) -> list[str]:
     """Each output is a word picked by a hash of (prompt, sample): stable across runs, varied across items."""
-
-    fingerprint = "scripted-schema-v1"
-    load_seconds = 0.0
-
-    def __init__(self) -> None:
-        self.params_seen: set = set()
-
-    def render(self, prompt: Prompt) -> str:
-        return prompt.identity()
-
-    def generate(self, prompts, progress=None):
-        out = []
-        for p in prompts:
-            self.params_seen.add(p.params)
-            texts = tuple(WORDS[int(hashlib.sha256(f"{p.identity()}|{j}".encode()).hexdigest(), 16) % len(WORDS)]
-                          for j in range(p.params.n))
-            out.append(Generation(texts, tuple(3 for _ in texts)))
-        if progress:
-            progress(len(prompts), 3 * len(prompts))
-        return out
+    return [WORDS[int(hashlib.sha256(f"{prompt.identity()}|{j}".encode()).hexdigest(), 16) % len(WORDS)]
+            for j in range(params.n)]
 
 
 @pytest.fixture
 def scripted(monkeypatch):
-    engine = ScriptedEngine()
+    engine = FakeEngine(_words, fingerprint="scripted-schema-v1")
 
     @contextmanager
     def fake_open_engine(model, *a, **k):
@@ -117,8 +99,8 @@ def test_gen_kwargs_change_decoding_and_are_marked_not_decodingtrust(tmp_path, s
     assert doc["off_protocol"]["gen_kwargs"] == {"max_new_tokens": 7, "temperature": 0.7}
     assert "not DecodingTrust" in doc["off_protocol"]["note"]
     assert doc["options"]["gen_kwargs"] == "max_new_tokens=7,temperature=0.7"
-    assert {p.max_new_tokens for p in scripted.params_seen} == {7}
-    assert {p.temperature for p in scripted.params_seen} == {0.7}
+    assert {p.params.max_new_tokens for p in scripted.prompts} == {7}
+    assert {p.params.temperature for p in scripted.prompts} == {0.7}
     for p in doc["perspectives"].values():
         assert any("not DecodingTrust" in n for n in p["notes"])
     gens = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
