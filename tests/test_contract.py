@@ -31,7 +31,7 @@ def loaded_all():
 
 
 def test_all_nine_registered():
-    assert NAMES == ["toxicity", "stereotype", "advglue", "ood", "adv_demo", "privacy", "ethics", "fairness", "mmlu"]
+    assert NAMES == ["mmlu", "advglue", "ood", "adv_demo", "ethics", "fairness", "toxicity", "privacy", "stereotype"]
     assert set(registry.available()) == set(NAMES)
 
 
@@ -40,7 +40,7 @@ def test_declares_what_the_cli_and_report_show(name):
     # `comptrust perspectives`, --help and the report read these from the class: nothing else names a perspective
     cls = type(registry.get(name))
     assert cls.name == name
-    assert cls.title.strip() and cls.description.strip(), f"{name}: title and description must be set"
+    assert cls.title.strip() and cls.short_title.strip() and cls.description.strip(), f"{name}: titles and description"
     assert "\n" not in cls.description and len(cls.description) < 240
 
 

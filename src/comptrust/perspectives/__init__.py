@@ -5,20 +5,24 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+from functools import lru_cache
 
 from comptrust.errors import UsageError
 
-# name -> "module:Class". MMLU is listed last: it is the benign-accuracy reference, not a trust perspective.
+# name -> "module:Class", in the order every listing, table and chart uses: the paper's result-sheet order,
+# benign accuracy (MMLU, the reference, not a trust perspective) first, then the eight trust perspectives.
+# A new perspective is one line here plus its module (which declares its title, short title, description and
+# settings), its protocol YAML, its mini-suite data and its tests.
 REGISTRY: dict[str, str] = {
-    "toxicity": "comptrust.perspectives.toxicity:Toxicity",
-    "stereotype": "comptrust.perspectives.stereotype:Stereotype",
+    "mmlu": "comptrust.perspectives.mmlu:MMLU",
     "advglue": "comptrust.perspectives.advglue:AdvGlue",
     "ood": "comptrust.perspectives.ood:OOD",
     "adv_demo": "comptrust.perspectives.adv_demo:AdvDemo",
-    "privacy": "comptrust.perspectives.privacy:Privacy",
     "ethics": "comptrust.perspectives.ethics:Ethics",
     "fairness": "comptrust.perspectives.fairness:Fairness",
-    "mmlu": "comptrust.perspectives.mmlu:MMLU",
+    "toxicity": "comptrust.perspectives.toxicity:Toxicity",
+    "privacy": "comptrust.perspectives.privacy:Privacy",
+    "stereotype": "comptrust.perspectives.stereotype:Stereotype",
 }
 
 
@@ -66,3 +70,12 @@ def parse_list(spec: str) -> list[str]:
         if n not in REGISTRY:
             get(n)  # raises the helpful error
     return names
+
+
+@lru_cache(maxsize=None)
+def short_title(name: str) -> str:
+    """A perspective's label in charts and narrow tables (its class's ``short_title``; the name if unknown)."""
+    try:
+        return get(name).short_title or name
+    except UsageError:
+        return name

@@ -123,6 +123,7 @@ class AdvDemo(Perspective):
     name = "adv_demo"
     lite_limit = 4  # items per sub-scenario in the lite profile
     title = "Robustness to adversarial demonstrations"
+    short_title = "Adv. demo"
     description = "in-context demonstrations that are counterfactual, spuriously correlated or backdoored; accuracy"
     version = 1
 

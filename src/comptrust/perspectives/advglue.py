@@ -111,6 +111,7 @@ class AdvGlue(Perspective):
     lite_limit = 10  # items per sub-scenario in the lite profile
     Args = AdvGlueArgs
     title = "Adversarial robustness (AdvGLUE++)"
+    short_title = "AdvGLUE++"
     description = "GLUE tasks (SST-2, QQP, MNLI, ...) on adversarially perturbed inputs; robust accuracy"
     version = 1
 

@@ -98,9 +98,11 @@ class Perspective:
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    short_title: ClassVar[str] = ""  # its label in charts and narrow tables
     description: ClassVar[str] = ""  # what it measures, in a line (`comptrust perspectives` prints it)
     version: ClassVar[int] = 1
     Args: ClassVar[type[PerspectiveArgs]] = PerspectiveArgs  # its settings (none by default)
+    label_free: ClassVar[bool] = False  # parses carry no task label (an output is unparseable only when empty)
     lite_limit: ClassVar[int] = 20  # items per sub-scenario in the lite profile (subclasses set their own)
 
     def load(self, opts: EvalOptions) -> Loaded:

@@ -110,6 +110,7 @@ class Ethics(Perspective):
     name = "ethics"
     lite_limit = 6  # items per sub-scenario in the lite profile
     title = "Machine ethics"
+    short_title = "Ethics"
     description = (
         "ETHICS commonsense morality under zero-/few-shot, jailbreak and evasive framings: how reliably "
         "immoral actions are recognised"

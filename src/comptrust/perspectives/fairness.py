@@ -169,6 +169,7 @@ class Fairness(Perspective):
     name = "fairness"
     lite_limit = 10  # items per sub-scenario in the lite profile
     title = "Fairness"
+    short_title = "Fairness"
     description = (
         "income prediction (Adult census rows) across base-rate parity settings: gaps in predictions "
         "between groups (demographic parity, equalized odds)"

@@ -181,6 +181,7 @@ class MMLU(Perspective):
     lite_limit = 2  # items per sub-scenario in the lite profile
     Args = MMLUArgs
     title = "MMLU (benign accuracy)"
+    short_title = "MMLU"
     description = (
         'MMLU 57 subjects, 5-shot, generative (the first letter of the answer): benign accuracy, not '
         "lm-eval's log-likelihood mmlu"

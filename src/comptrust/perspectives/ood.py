@@ -155,6 +155,7 @@ class OOD(Perspective):
     name = "ood"
     lite_limit = 4  # items per sub-scenario in the lite profile
     title = "Out-of-distribution robustness"
+    short_title = "OOD"
     description = (
         "out-of-distribution styles (Shakespearean, poetry, ...) and questions past the knowledge cut-off "
         "(refusing is right); accuracy and refusal"

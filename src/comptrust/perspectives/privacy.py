@@ -158,6 +158,8 @@ class Privacy(Perspective):
     lite_limit = 2  # items per sub-scenario in the lite profile
     Args = PrivacyArgs
     title = "Privacy"
+    short_title = "Privacy"
+    label_free = True  # its parses carry no task label: only an empty output is unparseable
     description = (
         "leaks of Enron e-mail addresses and of PII placed in the context, understanding of privacy "
         "events; 100 x (1 - leak rate)"

@@ -143,6 +143,7 @@ class Stereotype(Perspective):
     name = "stereotype"
     lite_limit = 32  # items per sub-scenario in the lite profile
     title = "Stereotype bias"
+    short_title = "Stereotype"
     description = (
         "agree / disagree with stereotype statements under benign, untargeted and targeted system "
         "prompts; 100 x (1 - agreement)"

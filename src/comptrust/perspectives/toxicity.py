@@ -182,6 +182,8 @@ class Toxicity(Perspective):
     lite_limit = 6  # items per sub-scenario in the lite profile
     Args = ToxicityArgs
     title = "Toxicity"
+    short_title = "Toxicity"
+    label_free = True  # its parses carry no task label: only an empty output is unparseable
     description = (
         "continues toxic / benign prompts under benign and adversarial system prompts; 100 x (1 - "
         "expected max toxicity of the continuations)"

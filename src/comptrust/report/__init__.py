@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from comptrust import perspectives as registry
 from comptrust.report import charts
 from comptrust.results import Cell, StudyReport, VariantRow
 
-# the paper's result sheet order: benign accuracy first, then the eight trust perspectives
-COLUMN_ORDER = ["mmlu", "advglue", "ood", "adv_demo", "ethics", "fairness", "toxicity", "privacy", "stereotype"]
+# the perspective registry's order (the paper's result sheet: benign accuracy first, then the eight trust perspectives)
+COLUMN_ORDER = list(registry.REGISTRY)
 
 
 def ordered(perspectives: list[str]) -> list[str]:
@@ -195,7 +196,7 @@ def render_html(result: StudyReport) -> str:
         comp=comp,
         dense=dense,
         persp=persp,
-        titles=charts.TITLES,
+        titles={p: registry.short_title(p) for p in result.perspectives},
         radar=radar,
         heat=heat,
         bits_curve=bits_curve,

@@ -6,17 +6,8 @@ import io
 import math
 from typing import Any, Sequence
 
-TITLES = {
-    "mmlu": "MMLU",
-    "toxicity": "Toxicity",
-    "stereotype": "Stereotype",
-    "advglue": "AdvGLUE++",
-    "ood": "OOD",
-    "adv_demo": "Adv. demo",
-    "privacy": "Privacy",
-    "ethics": "Ethics",
-    "fairness": "Fairness",
-}
+from comptrust.perspectives import short_title
+
 # one colour per method family, the same in every chart
 FAMILY_COLORS = {"gptq": "#1f6fb4", "awq": "#d9721c", "rtn": "#2e9e4f", "gguf": "#8c4fb0", "magnitude": "#c23b3b",
                  "sparsegpt": "#1f9fb4", "wanda": "#b48a1f"}
@@ -63,7 +54,7 @@ def radar(perspectives: Sequence[str], series: dict[str, list[float | None]], de
     rows = math.ceil(len(others) / cols)
     fig = plt.figure(figsize=(3.1 * cols, 3.1 * rows + 0.5))
     angles = [2 * math.pi * i / len(perspectives) for i in range(len(perspectives))] + [0.0]
-    labels = [TITLES.get(p, p) for p in perspectives]
+    labels = [short_title(p) for p in perspectives]
     for k, name in enumerate(others):
         ax = fig.add_subplot(rows, cols, k + 1, polar=True)
         for nm, color, fill in ((dense, DENSE_COLOR, 0.08), (name, "#1f6fb4", 0.2)):
@@ -78,7 +69,7 @@ def radar(perspectives: Sequence[str], series: dict[str, list[float | None]], de
         ax.set_xticks(angles[:-1])
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(name, fontsize=9, pad=14)
-        missing = [TITLES.get(p, p) for p, v in zip(perspectives, series[name]) if v is None]
+        missing = [short_title(p) for p, v in zip(perspectives, series[name]) if v is None]
         if missing and name != dense:
             ax.text(0.5, -0.16, "no score: " + ", ".join(missing), transform=ax.transAxes, ha="center", fontsize=6.5,
                     color="#8a94a3")
@@ -100,7 +91,7 @@ def delta_heatmap(variants: Sequence[str], perspectives: Sequence[str], deltas: 
     lim = max(5.0, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 5.0)
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(perspectives), 1.0 + 0.55 * len(variants)))
     im = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(perspectives)), [TITLES.get(p, p) for p in perspectives], rotation=30, ha="right")
+    ax.set_xticks(range(len(perspectives)), [short_title(p) for p in perspectives], rotation=30, ha="right")
     ax.set_yticks(range(len(variants)), list(variants))
     for i in range(len(variants)):
         for j in range(len(perspectives)):
@@ -168,7 +159,7 @@ def curves(perspectives: Sequence[str], series: dict[str, dict[str, list[tuple[f
             else:
                 ax.errorbar(xs, [pts[0][1]], yerr=[[pts[0][1] - lo[0]], [hi[0] - pts[0][1]]], color=color, capsize=3,
                             lw=1)
-        ax.set_title(TITLES.get(p, p), fontsize=9)
+        ax.set_title(short_title(p), fontsize=9)
         ax.set_ylim(0, 100)
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all], fontsize=7)
         if len(xs_all) == 1:
