@@ -165,13 +165,13 @@ class GenerationProgress:
             MofNCompleteColumn(),
             TextColumn("prompts"),
             TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"),
+            _EtaColumn(self),
             TextColumn("{task.fields[rate]}"),
             transient=False,
             console=_console(self.stream),
         )
         self.bar.start()
-        self.task = self.bar.add_task(self.label, total=total, rate="", eta="?")
+        self.task = self.bar.add_task(self.label, total=total, rate="")
 
     def engine_started(self) -> None:
         """The first batch is about to be generated (the model loads first: its time is not a generation rate)."""
@@ -249,9 +249,8 @@ class GenerationProgress:
     def _show(self) -> None:
         if self.bar is not None:
             dt = max(time.time() - self.t0, 1e-6)
-            shown = min(self.done + self.partial, self.total)
-            self.bar.update(self.task, completed=shown, rate=f"{self.tokens / dt:.0f} tok/s",
-                            eta=_clock(self.eta()) if shown < self.total else "0:00")
+            self.bar.update(self.task, completed=min(self.done + self.partial, self.total),
+                            rate=f"{self.tokens / dt:.0f} tok/s")
         elif self.mode == "lines":
             self._line()
 
@@ -267,6 +266,25 @@ class GenerationProgress:
         print(f"[comptrust] {self.label}: {shown:.0f}/{self.total} prompts ({pct:.0f}%), {rate}, "
               f"elapsed {_clock(now - self.t0)}, ETA {_clock(self.eta()) if shown < self.total else '0:00'}",
               file=self.stream, flush=True)
+
+
+def eta_text(bar: "GenerationProgress") -> str:
+    """'ETA m:ss' as the bar shows it, computed when drawn: it keeps falling (or the rate keeps dropping) during
+    a long prefill with no event, instead of standing still."""
+    if bar.done + bar.partial >= bar.total:
+        return "ETA 0:00"
+    return f"ETA {_clock(bar.eta())}"
+
+
+def _EtaColumn(bar: GenerationProgress) -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class EtaColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(eta_text(bar))
+
+    return EtaColumn()
 
 
 def _console(stream: TextIO):
