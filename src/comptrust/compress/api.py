@@ -3,7 +3,8 @@
 Order of work (cheap refusals first, so bad input fails in a second and leaves nothing behind):
   1. refuse an `out` that exists and is not a comptrust checkpoint; resolve the model; read the calibration set
   2. in a temp dir beside `out`: load, perplexity before, compress, refuse NaN/inf, save (compressed-tensors
-     for quantized models, dense safetensors for pruned ones) with the tokenizer
+     for quantized models, dense safetensors for pruned ones, plus a sparse-24-bitmask copy in sparse-2of4/ for
+     2:4 ones) with the tokenizer
   3. reload what was saved (dequantized), measure the checks, refuse a model that is not what it claims
      (sparsity below target, N:M violations, more than 2^bits levels per group), generate a short text
   4. write comptrust.json, then rename the temp dir to `out` (replacing an older comptrust checkpoint)
@@ -212,7 +213,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
     with warnings.catch_warnings():
         # llm-compressor marks modules as offloaded to the CPU, which they already are
         warnings.filterwarnings("ignore", message=".*offloaded modules.*", category=UserWarning)
-        m.save(model, tmp)
+        extra_copies = m.save(model, tokenizer, tmp, cfg)
     tokenizer.save_pretrained(str(tmp))
     # llm-compressor writes recipe.yaml from its *global* session, which is empty because we ran oneshot in a
     # fresh one (it would say "default_stage: {}"); write the recipe that actually ran
@@ -270,6 +271,7 @@ def _compress_into(tmp: Path, source: Any, tokenizer: Any, cfg: CompressionConfi
         "calibration": calib.describe() if calib is not None else None,
         "source_model": source.describe(),
         "checkpoint_format": m.checkpoint_format,
+        **extra_copies,  # e.g. sparse_2of4: the compressed-tensors 2:4 copy for vLLM (compress/sparse24.py)
         "method_details": {k: v for k, v in info.items() if k not in ("group_size_by_layer",)},
         "group_size_by_layer": info.get("group_size_by_layer"),
         "compress_time_s": round(compress_s, 2),

@@ -23,18 +23,33 @@ HELP = f"""Compress a model and prove the result is what it claims to be.
   [cyan]gptq[/cyan]       quantize, correcting rounding error with calibration data
   [cyan]awq[/cyan]        activation-aware scaling, then quantize (slow on CPU: --awq-grid)
   [cyan]rtn[/cyan]        round-to-nearest quantization, no data (baseline for gptq/awq)
+  [cyan]gptq-w8a8[/cyan]  SmoothQuant + GPTQ, llm-compressor's W8A8 INT8 scheme (8-bit weights
+             per channel, 8-bit activations per token when served)
+  [cyan]fp8-dynamic[/cyan] FP8 weights per channel, dynamic FP8 activations (FP8_DYNAMIC), no data
   [cyan]magnitude[/cyan]  prune the smallest weights, no data
   [cyan]sparsegpt[/cyan]  prune and correct the remaining weights with calibration data
   [cyan]wanda[/cyan]      prune by |weight| x input norm from calibration data
+  [cyan]recipe[/cyan]     an llm-compressor recipe file: --recipe recipe.yaml (no --method needed)
 
 [bold]Quantization[/bold] (gptq, awq, rtn): --bits 2..8 (default 4) and --group-size
 (default {DEFAULT_GROUP_SIZE}; 0 = one scale per row). Where a layer's input width is not a
 multiple of the group size, the largest size dividing both is used (576 -> 64)
 and recorded. gptq/rtn are symmetric, awq asymmetric.
+gptq-w8a8 and fp8-dynamic are 8-bit with one scale per output channel (no
+--bits/--group-size). Evaluation on the CPU dequantizes the weights and does
+NOT quantize activations (a deviation: scores show the weight rounding only).
 
 [bold]Pruning[/bold] (magnitude, sparsegpt, wanda): --sparsity in (0, 1) (default 0.5),
 or --structure N:M, i.e. at most N nonzeros per M consecutive weights of a row
-(2:4 and 4:8 are both 50%). Pruned models are saved dense.
+(2:4 and 4:8 are both 50%). Pruned models are saved dense (what comptrust
+evaluates); 2:4 ones also in compressed-tensors' sparse-24-bitmask format in
+<out>/sparse-2of4, for vLLM's 2:4 sparse kernels.
+
+[bold]Recipes[/bold]: --recipe FILE runs an llm-compressor recipe (YAML stages of
+modifiers) as is. It is checked before the model loads (a bad one: FILE:LINE:
+what is wrong, exit 2) and must keep lm_head (ignore: [lm_head]). It is known
+by its content (sha256 of the parsed YAML), and its bits, group size, sparsity
+and N:M structure are read where it states them.
 
 lm_head always stays dense.
 
@@ -51,6 +66,8 @@ sample generation. The directory is a valid --model for other commands.
 [bold]Examples[/bold]
   comptrust compress --method gptq --bits 4 --out models/gptq-w4
   comptrust compress --method sparsegpt --structure 2:4 --out models/sgpt-2of4
+  comptrust compress --method gptq-w8a8 --out models/w8a8
+  comptrust compress --recipe recipe.yaml --out models/from-recipe
   comptrust compress --model my-model/ --method wanda --sparsity 0.5 \\
       --calibration chats.jsonl --seed 1 --out models/wanda-50
 """
@@ -58,7 +75,8 @@ sample generation. The directory is a valid --model for other commands.
 
 def compress_command(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must be new, or an earlier comptrust checkpoint, which is replaced)."),
-    method: str = typer.Option(..., "--method", help=f"One of: {', '.join(METHODS)}."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"One of: {', '.join(METHODS)} (recipe: implied by --recipe)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="An llm-compressor recipe (YAML) to run instead of a --method; validated before the model loads."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to compress: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, a Hugging Face model directory, or a Hub id org/name\\[@revision]."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantization bits per weight, 2..8 (default 4). gptq/awq/rtn only."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help=f"Weights sharing one scale (default {DEFAULT_GROUP_SIZE}); 0 = per output row. gptq/awq/rtn only."),
@@ -73,10 +91,19 @@ def compress_command(
     from comptrust.extras import require
 
     require("comptrust compress", "compress")  # before any model is loaded
+    if method is None and recipe is not None:
+        method = "recipe"
+    if method is None:
+        raise UsageError(f"give --method ({', '.join(METHODS)}) or --recipe FILE")
     if method not in METHODS:
-        raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+        import difflib
+
+        hint = difflib.get_close_matches(method.lower(), METHODS, n=1)
+        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise UsageError(f"--method {method!r}{did}: choose one of {', '.join(METHODS)}")
     cfg = CompressionConfig.build(
         method=method,
+        recipe=recipe,
         bits=bits,
         group_size=group_size,
         sparsity=sparsity,
@@ -103,11 +130,16 @@ def _summary(record_path: Path) -> None:
     c = rec["checks"]
     ppl = c["perplexity"]
     lines = [f"wrote {record_path.parent}  ({rec['label']}, {rec['wall_time_s']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 2**30:.2f} GiB)"]
-    if "levels" in c:
+    if "levels" in c and rec.get("bits"):
         lines.append(f"  levels per group: max {c['levels']['max']} (<= {2 ** rec['bits']}), mean {c['levels']['mean']:.1f}; group size by input width {rec['group_size_by_width']}")
     lines.append(f"  sparsity: {c['sparsity']['total']:.4f} (layers {c['sparsity']['min_layer']:.4f}..{c['sparsity']['max_layer']:.4f})")
     if "nm" in c:
         lines.append(f"  {c['nm']['structure']} pattern: {'valid' if c['nm']['valid'] else 'INVALID'} over {c['nm']['groups']} groups")
+    if rec.get("sparse_2of4"):
+        lines.append(f"  2:4 sparse copy for vLLM: {record_path.parent / rec['sparse_2of4']['dir']} ({rec['sparse_2of4']['format']})")
+    if rec.get("method") == "recipe":
+        d = rec["method_details"]
+        lines.append(f"  recipe {d['recipe_file']} (sha256 {d['recipe_sha256'][:12]}): {', '.join(d['recipe_modifiers'])}")
     lines.append(f"  perplexity (held-out, {ppl['tokens']} tokens): {ppl['before']:.2f} -> {ppl['after']:.2f}")
     lines.append(f"  sample: {c['sample_generation']['output'][:100]!r}")
     typer.echo("\n".join(lines))

@@ -55,7 +55,7 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
 class CompressionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
-    method: Literal["gptq", "awq", "rtn", "magnitude", "sparsegpt", "wanda"]
+    method: Literal["gptq", "awq", "rtn", "gptq-w8a8", "fp8-dynamic", "magnitude", "sparsegpt", "wanda", "recipe"]
     bits: int | None = None  # quantization: 2..8 (default 4)
     group_size: int | None = None  # quantization: weights per scale (default 128; 0 = one scale per output row)
     sparsity: float | None = None  # pruning: fraction of zeros, in (0, 1) (default 0.5; implied by N:M)
@@ -68,10 +68,25 @@ class CompressionConfig(BaseModel):
     # GPTQ activation ordering (llm-compressor's actorder): quantize columns in order of decreasing activation
     # size. "group" is AutoGPTQ's desc_act (what the paper used); "weight" keeps groups contiguous. Default: off.
     actorder: Literal["group", "weight"] | None = None
+    # method "recipe": an llm-compressor recipe file (compress/recipe.py); its content's sha256 is filled here and,
+    # when given (a stored config), must still match the file
+    recipe: str | None = None
+    recipe_sha256: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionConfig":
         m = self.method
+        if m == "recipe" or self.recipe is not None or self.recipe_sha256 is not None:
+            return self._check_recipe()
+        fixed = method(m)
+        fixed_bits = fixed.fixed_bits if isinstance(fixed, Quantization) else None
+        if fixed_bits is not None:  # a preset scheme (W8A8, FP8_DYNAMIC): 8 bits, one scale per output channel
+            if self.bits not in (None, fixed_bits):
+                raise ValueError(f"--bits {self.bits} makes no sense with {m}, which is {fixed_bits}-bit by definition")
+            if self.group_size not in (None, 0):
+                raise ValueError(f"--group-size {self.group_size} makes no sense with {m}, whose weights have one "
+                                 "scale per output channel")
+            self.bits, self.group_size = fixed_bits, 0
         if m in QUANT_METHODS:
             if self.sparsity is not None:
                 raise ValueError(f"--sparsity {self.sparsity} makes no sense with {m}, a quantization method")
@@ -131,6 +146,44 @@ class CompressionConfig(BaseModel):
                 raise ValueError(f"--seq-len {self.seq_len} must be >= 8")
         return self
 
+    def _check_recipe(self) -> "CompressionConfig":
+        from comptrust.compress.recipe import load_recipe
+
+        if self.method != "recipe":
+            raise ValueError(f"--recipe makes no sense with --method {self.method}; give the recipe alone "
+                             "(it says what to run)")
+        if self.recipe is None:
+            raise ValueError("method recipe needs --recipe FILE (an llm-compressor recipe)")
+        for name, val in (("awq-grid", self.awq_grid), ("actorder", self.actorder)):
+            if val is not None:
+                raise ValueError(f"--{name} {val} makes no sense with --recipe; set it in the recipe")
+        try:
+            info = load_recipe(self.recipe)
+        except UsageError as e:
+            raise ValueError(str(e)) from None
+        if self.recipe_sha256 is not None and self.recipe_sha256 != info.sha256:
+            raise ValueError(f"--recipe {self.recipe} changed: its content's sha256 is {info.sha256[:12]}, "
+                             f"not {self.recipe_sha256[:12]} as recorded")
+        self.recipe_sha256 = info.sha256
+        # what the recipe states; the same value given again (a stored config) is accepted, another refused
+        for name, derived in (("bits", info.bits), ("group_size", info.group_size), ("sparsity", info.sparsity),
+                              ("structure", info.structure)):
+            given = getattr(self, name)
+            if given is not None and given != derived:
+                raise ValueError(f"--{name.replace('_', '-')} {given} makes no sense with --recipe "
+                                 f"{self.recipe}; the recipe says what to run"
+                                 + (f" ({name} {derived})" if derived is not None else ""))
+            setattr(self, name, derived)
+        if self.n_calib is None:
+            self.n_calib = DEFAULT_N_CALIB
+        if self.seq_len is None:
+            self.seq_len = DEFAULT_SEQ_LEN
+        if self.n_calib < 1:
+            raise ValueError(f"--n-calib {self.n_calib} must be >= 1")
+        if self.seq_len < 8:
+            raise ValueError(f"--seq-len {self.seq_len} must be >= 8")
+        return self
+
     # -- derived -----------------------------------------------------------------------------------------------
     @property
     def is_quantization(self) -> bool:
@@ -151,6 +204,11 @@ class CompressionConfig(BaseModel):
         return m.symmetric if isinstance(m, Quantization) else True
 
     def label(self) -> str:
+        if self.method == "recipe":
+            return f"recipe-{(self.recipe_sha256 or '')[:12]}"
+        m = method(self.method)
+        if isinstance(m, Quantization) and m.fixed_bits is not None:
+            return self.method
         if self.is_quantization:
             g = "ch" if self.group_size == 0 else f"g{self.group_size}"
             return f"{self.method}-w{self.bits}-{g}"

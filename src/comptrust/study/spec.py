@@ -74,6 +74,7 @@ VARIANT_KEYS = {
     "actorder": "gptq: activation ordering, group (AutoGPTQ's desc_act, as in the paper) or weight (default: off)",
     "quant": "gguf: llama.cpp quantization of the model's GGUF (Q8_0, Q6_K, Q4_K_M, ...); omit to serve it as is",
     "file": "gguf: a GGUF file to serve instead",
+    "recipe": "an llm-compressor recipe file to run (method recipe, implied); known by its content's sha256",
 }
 GGUF = "gguf"
 DEFAULT_VARIANTS: list[Any] = [
@@ -154,7 +155,10 @@ class Variant:
     def fingerprint(self, seed: int) -> str:
         """Changes whenever a setting that changes the checkpoint changes: a stored unit with another
         fingerprint is stale and redone."""
-        body = json.dumps({"method": self.method, "settings": self.settings, "seed": seed}, sort_keys=True)
+        settings = self.settings
+        if "recipe_sha256" in settings:  # a recipe is known by its content, not by where the file lies
+            settings = {k: v for k, v in settings.items() if k != "recipe"}
+        body = json.dumps({"method": self.method, "settings": settings, "seed": seed}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -488,6 +492,8 @@ def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
     for k in rv:
         if k not in VARIANT_KEYS:
             raise fail(_unknown(str(k), VARIANT_KEYS, where), "variants", i, k, "<key>")
+    if "recipe" in rv and "method" not in rv:
+        rv = {**rv, "method": "recipe"}
     method = rv.get("method")
     if "name" in rv:
         name = rv["name"]
@@ -529,6 +535,8 @@ def _variant(rv: Any, i: int, fail: Any, model: str | None = None) -> Variant:
     except UsageError as e:
         bad = next((k for k in settings if k.replace("_", "-") in str(e)), "method")
         raise fail(f"{where}: {e}".replace("--", ""), "variants", i, bad) from None
+    if cfg.recipe_sha256 is not None:  # keyed by the recipe's content (Variant.fingerprint)
+        settings["recipe_sha256"] = cfg.recipe_sha256
     name = rv.get("name") or _auto_name(cfg)
     return Variant(str(name), method, settings, tuple(dict.fromkeys(seeds)))
 
