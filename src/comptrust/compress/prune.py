@@ -7,7 +7,9 @@ weights in every M consecutive input weights of a row (2:4 and 4:8 are both 50%)
 Why magnitude is ours: llm-compressor's MagnitudePruningModifier runs through the data-free pipeline in
 oneshot, its masks are never applied, and it prunes nothing without a word (dependency-trials.md §5). Five
 lines of torch do it, and the measured-sparsity check in api.py would catch such a no-op anyway.
-All pruned weights are saved dense (compressed-tensors 0.19 no longer writes sparse formats).
+All pruned weights are saved dense (what evaluation loads); a 2:4 model also gets a sparse-24-bitmask copy in
+sparse-2of4/ for vLLM's sparse kernels, written by comptrust (compress/sparse24.py: compressed-tensors 0.19 no
+longer writes sparse formats).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def prune(model: Any, tokenizer: Any, cfg: CompressionConfig, calib: Calibration
             else "the requested fraction of each output row's weights is zero"
         ),
         "ignored": ["lm_head"],
-        "saved_as": "dense safetensors (zeros stored explicitly)",
+        "saved_as": "dense safetensors (zeros stored explicitly)"
+        + (", and compressed-tensors sparse-24-bitmask in sparse-2of4/" if nm == (2, 4) else ""),
     }
     t0 = time.time()
     info["recipe"] = run(model, tokenizer, cfg, calib, info)
