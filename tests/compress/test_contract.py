@@ -18,6 +18,8 @@ from comptrust.compress.methods import REGISTRY, Method, Pruning, Quantization, 
 from comptrust.study.spec import check_variant_name, parse_spec
 
 NAMES = list(REGISTRY)
+# the recipe method runs a file (tests/compress/recipes); every other method runs from its defaults
+SETTINGS = {"recipe": {"recipe": str(Path(__file__).parent / "recipes" / "gptq_w4a16.yaml")}}
 
 
 def test_registry_is_the_list_of_methods():
@@ -29,15 +31,16 @@ def test_registry_is_the_list_of_methods():
 @pytest.mark.parametrize("name", NAMES)
 def test_declarations(name):
     m = method(name)
-    assert m.family in ("quantization", "pruning") and isinstance(m, (Quantization, Pruning))
+    assert m.family in ("quantization", "pruning", "recipe")
+    assert isinstance(m, (Quantization, Pruning)) or m.family == "recipe"
     assert m.served_as == "weights" and m.checkpoint_format
-    cfg = CompressionConfig.build(method=name)
+    cfg = CompressionConfig.build(method=name, **SETTINGS.get(name, {}))
     # needs_calibration decides whether calibration settings exist at all
     assert (cfg.n_calib is not None) == m.needs_calibration == cfg.needs_calibration
     bits = m.nominal_bits(cfg)
     assert 0 < bits < 16
     # the study names a variant by the method's auto name and orders by its nominal bits
-    spec = parse_spec({"variants": [{"method": name}], "perspectives": ["ethics"]})
+    spec = parse_spec({"variants": [{"method": name, **SETTINGS.get(name, {})}], "perspectives": ["ethics"]})
     v = spec.variants[1]
     assert v.name == m.auto_name(cfg) and v.name.startswith(name) and check_variant_name(v.name) is None
     assert v.bits() == bits
@@ -66,6 +69,7 @@ def test_each_method_compresses_the_tiny_model_as_declared(name, tiny, tmp_path)
     m = method(name)
     extra = dict(n_calib=8, seq_len=64) if m.needs_calibration else {}
     extra |= {"awq_grid": 2} if name == "awq" else {}
+    extra |= SETTINGS.get(name, {})
     cfg = CompressionConfig.build(method=name, **extra)
     out = compress(str(tiny), cfg, tmp_path / name)
     rec = json.loads((out / "comptrust.json").read_text())
@@ -75,6 +79,8 @@ def test_each_method_compresses_the_tiny_model_as_declared(name, tiny, tmp_path)
     checks = rec["checks"]
     if m.family == "quantization":
         assert checks["levels"]["max"] <= 2 ** cfg.bits
+    elif m.family == "recipe":
+        assert rec["method_details"]["recipe_sha256"] == cfg.recipe_sha256
     else:
         assert checks["sparsity"]["total"] >= (cfg.sparsity or 0) - 0.005
     assert checks["embeddings_and_lm_head_unchanged"] and checks["finite"]

@@ -165,3 +165,22 @@ def test_missing_local_model_is_refused_before_any_work(tmp_path):
     msg = _err(tmp_path, "suite: mini\nmodel: ./nope/model.gguf\n")
     assert msg.endswith("model: ./nope/model.gguf does not exist (a .gguf file, a model directory, or a Hub id org/name)")
     assert ":2:" in msg
+
+
+RECIPE = Path(__file__).parents[1] / "compress" / "recipes" / "gptq_w4a16.yaml"
+
+
+def test_recipe_variant_key(tmp_path):
+    """{recipe: FILE} implies method recipe; its stated size is read; a misspelt key gets the hint."""
+    spec = _load(tmp_path, f"perspectives: [ethics]\nvariants:\n  - dense\n  - recipe: {RECIPE}\n"
+                           f"  - {{method: recipe, recipe: {RECIPE}, name: mine, seeds: [0, 1]}}\n")
+    a, b = spec.variants[1:]
+    assert (a.name, a.method, a.bits()) == ("recipe-gptq_w4a16", "recipe", 4.0)
+    assert b.name == "mine" and b.instances() == ["mine@s0", "mine@s1"]
+    assert a.settings["recipe_sha256"] == b.settings["recipe_sha256"] and a.fingerprint(0) == b.fingerprint(0)
+    msg = _err(tmp_path, "variants:\n  - dense\n  - recip: r.yaml\n")
+    assert ":3: unknown key 'recip' in variants[1] (did you mean 'recipe'?)" in msg
+    msg = _err(tmp_path, f"variants:\n  - dense\n  - {{method: gptq, recipe: {RECIPE}}}\n")
+    assert ":3: variants[1]: recipe makes no sense with method gptq" in msg
+    msg = _err(tmp_path, "variants:\n  - dense\n  - {method: recipe}\n")
+    assert ":3: variants[1]: method recipe needs recipe FILE" in msg
