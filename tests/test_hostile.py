@@ -854,9 +854,21 @@ def test_variant_names_with_matplotlib_math_are_drawn_as_text():
 
 
 # -- signals -----------------------------------------------------------------------------------------------------
-def test_sigterm_prints_one_line_and_exits_143(tmp_path):
-    """A served model that takes its time: SIGTERM while the request is out ends the run like Ctrl-C."""
+@pytest.mark.parametrize("sig, ignored, code, line", [
+    ("SIGTERM", False, 143, "terminated (SIGTERM): finished work is saved; rerun the same command to resume"),
+    # started as a background job of a script: SIGINT ignored on entry, which Python keeps (it installs its
+    # KeyboardInterrupt handler only over SIG_DFL); before cli.main installed its own handler, this run ignored
+    # the Ctrl-C and ran on to exit 0 (issue 21's swallowed Ctrl-C)
+    ("SIGINT", True, 130, "interrupted: finished work is saved; rerun the same command to resume"),
+])
+def test_sigterm_and_ctrl_c_end_the_run_in_one_line(tmp_path, sig, ignored, code, line):
+    """A served model that takes its time: SIGTERM while the request is out ends the run like Ctrl-C; Ctrl-C does
+    so even in a process that inherited SIGINT as ignored."""
     import signal
+
+    def setup() -> None:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     got_post = threading.Event()
 
@@ -889,16 +901,16 @@ def test_sigterm_prints_one_line_and_exits_143(tmp_path):
     try:
         proc = subprocess.Popen([sys.executable, "-m", "comptrust", "evaluate", "-m", f"openai:{url}#smol", "-p",
                                  "ethics", "--limit", "1", "--out", str(tmp_path / "o"), "--no-progress"],
-                                stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=setup)
         assert got_post.wait(120), "no request reached the server"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=120)
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert lines[-1] == "terminated (SIGTERM): finished work is saved; rerun the same command to resume", err[-2000:]
+    assert lines[-1] == line, err[-2000:]
     assert "Traceback" not in err
 
 

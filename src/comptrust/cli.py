@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
         INTERRUPTED.set()  # kept even where the KeyboardInterrupt itself gets swallowed (see errors.INTERRUPTED)
         raise KeyboardInterrupt
 
+    # Installed over whatever was inherited, SIG_IGN included. Python turns SIGINT into KeyboardInterrupt only when
+    # it starts with SIGINT at SIG_DFL; a non-interactive shell starts background jobs (`make test &`, nohup) with
+    # SIGINT ignored, their children inherit that, and such a run ignored Ctrl-C, ran on and exited 0 (issue 21).
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:

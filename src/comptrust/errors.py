@@ -22,9 +22,10 @@ class RuntimeFailure(ComptrustError):
 import threading as _threading
 
 INTERRUPTED = _threading.Event()
-"""Set by the CLI's SIGINT / SIGTERM handlers before they raise KeyboardInterrupt. A KeyboardInterrupt that lands
-inside a finalizer or a library's callback is printed as "Exception ignored" and lost (a study then ran on and
-exited 0); the flag is not, and check_interrupted() at every unit boundary turns it back into the interrupt."""
+"""Set by the CLI's SIGINT / SIGTERM handlers before they raise KeyboardInterrupt. A second line of defence: a
+KeyboardInterrupt that lands inside a finalizer or a C library's callback is printed as "Exception ignored" and lost;
+the flag is not, and check_interrupted() at every unit boundary turns it back into the interrupt. (The study that
+ran on and exited 0 in issue 21 had inherited SIGINT as ignored; cli.main now installs its handler over that.)"""
 
 
 def check_interrupted() -> None:
