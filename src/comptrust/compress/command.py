@@ -43,7 +43,7 @@ NOT quantize activations (a deviation: scores show the weight rounding only).
 or --structure N:M, i.e. at most N nonzeros per M consecutive weights of a row
 (2:4 and 4:8 are both 50%). Pruned models are saved dense (what comptrust
 evaluates); 2:4 ones also in compressed-tensors' sparse-24-bitmask format in
-<out>/sparse-2of4, for vLLM's 2:4 sparse kernels.
+<out>/sparse-2of4 (vLLM >= 0.19.1 no longer loads that format).
 
 [bold]Recipes[/bold]: --recipe FILE runs an llm-compressor recipe (YAML stages of
 modifiers) as is. It is checked before the model loads (a bad one: FILE:LINE:
@@ -136,7 +136,7 @@ def _summary(record_path: Path) -> None:
     if "nm" in c:
         lines.append(f"  {c['nm']['structure']} pattern: {'valid' if c['nm']['valid'] else 'INVALID'} over {c['nm']['groups']} groups")
     if rec.get("sparse_2of4"):
-        lines.append(f"  2:4 sparse copy for vLLM: {record_path.parent / rec['sparse_2of4']['dir']} ({rec['sparse_2of4']['format']})")
+        lines.append(f"  2:4 sparse copy: {record_path.parent / rec['sparse_2of4']['dir']} ({rec['sparse_2of4']['format']})")
     if rec.get("method") == "recipe":
         d = rec["method_details"]
         lines.append(f"  recipe {d['recipe_file']} (sha256 {d['recipe_sha256'][:12]}): {', '.join(d['recipe_modifiers'])}")

@@ -241,7 +241,7 @@ class Pruning(Method):
 
     def save(self, model: Any, tokenizer: Any, out: Path, cfg: CompressionConfig) -> dict[str, Any]:
         """Dense safetensors (what evaluation loads); a 2:4 model also gets a compressed-tensors sparse-24-bitmask
-        copy in out/sparse-2of4 (the format vLLM's 2:4 sparse kernels read), see compress/sparse24.py."""
+        copy in out/sparse-2of4 (compress/sparse24.py; what reads it is said there)."""
         model.save_pretrained(str(out))
         if cfg.nm == (2, 4):
             from comptrust.compress.sparse24 import SPARSE_DIR, write_sparse24

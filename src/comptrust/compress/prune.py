@@ -8,8 +8,8 @@ Why magnitude is ours: llm-compressor's MagnitudePruningModifier runs through th
 oneshot, its masks are never applied, and it prunes nothing without a word (dependency-trials.md §5). Five
 lines of torch do it, and the measured-sparsity check in api.py would catch such a no-op anyway.
 All pruned weights are saved dense (what evaluation loads); a 2:4 model also gets a sparse-24-bitmask copy in
-sparse-2of4/ for vLLM's sparse kernels, written by comptrust (compress/sparse24.py: compressed-tensors 0.19 no
-longer writes sparse formats).
+sparse-2of4/, written by comptrust (compress/sparse24.py: compressed-tensors 0.19 no longer writes sparse formats,
+and vLLM dropped the format in v0.19.1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A 2:4-pruned model in compressed-tensors' ``sparse-24-bitmask`` format, the layout vLLM's 2:4 sparse kernels read.
+"""A 2:4-pruned model in compressed-tensors' ``sparse-24-bitmask`` format (the layout of its Sparse24 compressor).
 
 Written beside the dense checkpoint, in ``<checkpoint>/sparse-2of4/`` (config.json, tokenizer, one safetensors
 file); comptrust itself keeps evaluating the dense copy in ``<checkpoint>/``. Per pruned Linear ``<name>``:
@@ -16,6 +16,8 @@ Sparse24BitMaskConfig. Every other tensor (embeddings, norms, the head) is store
 Why comptrust writes it itself: compressed-tensors 0.19 (the version llm-compressor 0.14 requires) still defines
 the config but dropped the sparse compressors that wrote and read the tensors; the layout above is the one its
 Sparse24BitMaskCompressor used. :func:`read_sparse24` reads it back with compressed-tensors' ``unpack_bitmasks``.
+Who serves it: vLLM read it with 2:4 kernels from 0.7 and removed Sparse24 support in v0.19.1, so the [vllm]
+extra's vLLM does not load it (README, "Compressing").
 """
 
 from __future__ import annotations
@@ -118,8 +120,8 @@ def write_sparse24(model: torch.nn.Module, tokenizer: Any, out: Path) -> dict[st
         tokenizer.save_pretrained(str(out))
     size = (out / WEIGHTS_FILE).stat().st_size
     return {"dir": SPARSE_DIR, "format": FORMAT, "layers": len(linears), "global_sparsity": zeros / total if total
-            else 0.0, "weights_bytes": size, "served_by": "vLLM (2:4 sparse kernels); comptrust evaluates the "
-            "dense copy beside it"}
+            else 0.0, "weights_bytes": size, "note": "comptrust evaluates the dense checkpoint beside it; vLLM "
+            "removed Sparse24 support in v0.19.1"}
 
 
 def read_sparse24(d: Path) -> dict[str, torch.Tensor]:
