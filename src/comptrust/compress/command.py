@@ -25,7 +25,8 @@ HELP = f"""Compress a model and prove the result is what it claims to be.
   [cyan]rtn[/cyan]        round-to-nearest quantization, no data (baseline for gptq/awq)
   [cyan]gptq-w8a8[/cyan]  SmoothQuant + GPTQ, llm-compressor's W8A8 INT8 scheme (8-bit weights
              per channel, 8-bit activations per token when served)
-  [cyan]fp8-dynamic[/cyan] FP8 weights per channel, dynamic FP8 activations (FP8_DYNAMIC), no data
+  [cyan]fp8-dynamic[/cyan]
+             FP8 weights per channel, dynamic FP8 activations (FP8_DYNAMIC), no data
   [cyan]magnitude[/cyan]  prune the smallest weights, no data
   [cyan]sparsegpt[/cyan]  prune and correct the remaining weights with calibration data
   [cyan]wanda[/cyan]      prune by |weight| x input norm from calibration data
@@ -47,15 +48,15 @@ evaluates); 2:4 ones also in compressed-tensors' sparse-24-bitmask format in
 
 [bold]Recipes[/bold]: --recipe FILE runs an llm-compressor recipe (YAML stages of
 modifiers) as is. It is checked before the model loads (a bad one: FILE:LINE:
-what is wrong, exit 2) and must keep lm_head (ignore: [lm_head]). It is known
+what is wrong, exit 2) and must keep lm_head (ignore: \\[lm_head]). It is known
 by its content (sha256 of the parsed YAML), and its bits, group size, sparsity
 and N:M structure are read where it states them.
 
 lm_head always stays dense.
 
-[bold]Calibration[/bold] (gptq, awq, sparsegpt, wanda): by default {DEFAULT_N_CALIB} of comptrust's 152
-built-in instruction/response conversations in the model's chat template,
-drawn with --seed. Same seed and settings: the same checkpoint.
+[bold]Calibration[/bold] (gptq, awq, gptq-w8a8, sparsegpt, wanda, recipe): by default
+{DEFAULT_N_CALIB} of comptrust's 152 built-in instruction/response conversations in the
+model's chat template, drawn with --seed. Same seed and settings: the same checkpoint.
 
 [bold]Output[/bold]: the checkpoint (compressed-tensors when quantized), the tokenizer
 and comptrust.json with the settings, calibration, source fingerprint, time,
