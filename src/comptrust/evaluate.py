@@ -27,6 +27,7 @@ from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.perspectives.base import EvalOptions, Loaded, MissingData
 from comptrust.progress import GenerationProgress
 from comptrust.store import STORE_NAME, Store, write_atomic_many
+from comptrust.toxicity_scorers.memo import MemoScorer
 from comptrust.types import Record
 
 
@@ -245,6 +246,7 @@ def evaluate(
         if hasattr(engine, "on_step"):  # the HF engine reports decode steps inside a batch: the bar moves meanwhile
             engine.on_step = bar.step
         records: dict[str, list[Record]] = {}
+        score_opts: dict[str, EvalOptions] = {}  # a perspective's options for scoring, where it set its own
         try:
             for name, (p, ld, popts) in loaded.items():
                 n_items = len(ld.items)
@@ -259,6 +261,9 @@ def evaluate(
                     Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts])
                     for it, g in zip(ld.items, gens)
                 ]
+                start = getattr(p, "start_scoring", None)  # toxicity: its scorer starts on other cores meanwhile
+                if callable(start):
+                    score_opts[name] = start(records[name], popts)
         finally:
             bar.stop()
             if hasattr(engine, "on_step"):
@@ -269,8 +274,9 @@ def evaluate(
             stage(f"scoring {len(loaded)} perspective(s), with {CI_RESAMPLES}-resample bootstrap CIs")
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
+            sopts = score_opts.get(name, popts)  # same public options; runtime helpers (a memoising scorer) added
             try:
-                sc = p.score(records[name], popts, ld)
+                sc = p.score(records[name], sopts, ld)
             except UsageError:
                 raise
             except Exception as e:  # one perspective's scoring failure must not discard the others' results
@@ -285,7 +291,7 @@ def evaluate(
             scores[name] = d
             d["options_used"] = popts.public()
             d["n_items_by_group"] = dict(Counter(r.item.group for r in records[name]))
-            d["ci95"] = bootstrap_ci(p, popts, ld, records[name], seed=opts.seed) if sc.score is not None else None
+            d["ci95"] = bootstrap_ci(p, sopts, ld, records[name], seed=opts.seed) if sc.score is not None else None
             if popts.extra.get("gen_kwargs"):
                 d["notes"].append(OFF_PROTOCOL_NOTE)
             store.put_score(engine.fingerprint, name, popts.public(), d)
@@ -349,19 +355,6 @@ OFF_PROTOCOL_NOTE = ("not DecodingTrust: decoding settings were overridden with 
                      "comparable with DecodingTrust's or with protocol runs")
 
 
-class MemoScorer:
-    """A toxicity scorer that remembers its texts' scores: bootstrap resamples re-score the same texts."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.name, self.memo = inner, inner.name, {}
-
-    def score(self, texts: list[str]) -> list[float | None]:
-        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if new:
-            self.memo.update(zip(new, self.inner.score(new)))
-        return [self.memo[t] for t in texts]
-
-
 def resampling_strata(records: Sequence[Record]) -> list[list[int]]:
     """Bootstrap strata: one per sub-scenario, except that single-item sub-scenarios are pooled into one stratum
     (a stratum of one item resamples to itself and adds no variance: at --limit 1 every sub-scenario is one) and a
@@ -390,7 +383,7 @@ def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Reco
     if sum(len(g) for g in groups) < 2:  # one item resamples to itself: no interval to give
         return {"low": None, "high": None, "resamples": 0, "scored_resamples": 0,
                 "method": "not computed: a single item leaves nothing to resample"}
-    if p.name == "toxicity":
+    if p.name == "toxicity" and not isinstance(popts.extra.get("toxicity_scorer"), MemoScorer):
         from comptrust.perspectives.toxicity import resolve_scorer
 
         popts = replace(popts, extra={**popts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(popts))})

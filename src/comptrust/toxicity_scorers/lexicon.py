@@ -199,6 +199,7 @@ class LexiconScorer:
     """The lexicon alone: word categories (sigmoid of their weighted hits) noisy-OR'ed with the patterns."""
 
     name = "lexicon"
+    process_safe = True  # pure CPU work, one text at a time: toxicity_scorers.pool may run it in workers
 
     def __init__(self, lexicon: Lexicon | None = None):
         self.lexicon = lexicon or load_lexicon()

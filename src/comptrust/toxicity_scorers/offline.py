@@ -18,6 +18,7 @@ class OfflineScorer:
     """
 
     name = "offline"
+    process_safe = True  # pure CPU work, one text at a time: toxicity_scorers.pool may run it in workers
 
     def __init__(self, lexicon: Lexicon | None = None, profanity: ProfanityCheckScorer | None = None):
         self.lexicon = lexicon or load_lexicon()

@@ -12,6 +12,7 @@ class ProfanityCheckScorer:
     """alt-profanity-check's predict_prob. Empty or whitespace-only texts get None (nothing to judge)."""
 
     name = "profanity-check"
+    process_safe = True  # pure CPU work, one text at a time: toxicity_scorers.pool may run it in workers
 
     def __init__(self, batch_size: int = 512):
         self.batch_size = batch_size
