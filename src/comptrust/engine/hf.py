@@ -105,6 +105,9 @@ def quiet_transformers() -> None:
         pass
 
 
+
+PREFIX_SHARING_MIN_PARAMS = 1_000_000_000  # CUDA: shared-prefix prefill on from this size (HFEngine.__init__)
+
 class HFEngine:
     """Tokenizer loads at once (needed to render prompts for cache keys); the model loads on first use.
 
@@ -151,12 +154,15 @@ class HFEngine:
         if loop not in LOOPS:
             raise UsageError(f"engine loop {loop!r}: expected one of {', '.join(LOOPS)}")
         self.loop = loop
-        # shared-prefix prefill pays where prefill is compute-bound (the CPU: 2-3x fewer prefill FLOPs on
-        # DecodingTrust + MMLU prompts); on an H100 it measured no better (Llama-2-7B: 15.4 s vs 16.5 s for 600
-        # items) or worse (SmolLM2-135M: 5.2 s vs 3.0 s): smaller prefill forwards, more copies. Default: CPU only.
-        # But on full-profile MMLU (20 questions per subject, 13B on an H200) it halved the run, 55.1 s -> 29.2 s
-        # (bench/results/evaluate_gpu_h200_mmlu.md): with many prompts per shared prefix it pays on a GPU too.
-        self.prefix_sharing = (not self.device.startswith("cuda")) if prefix_sharing is None else prefix_sharing
+        # shared-prefix prefill (a prefix common to several prompts computed once per batch) pays where prefill is
+        # compute-bound: on the CPU (2-3x fewer prefill FLOPs on DecodingTrust + MMLU prompts), and on a GPU for
+        # multi-billion-parameter models: Llama-2-13B on an H200, through evaluate, the DecodingTrust mix 10.95 s ->
+        # 8.95 s, toxicity n=25 26.4 s -> 24.2 s (bench/results/evaluate_gpu_h200_13b.md), full-profile MMLU 55.1 s
+        # -> 29.2 s (evaluate_gpu_h200_mmlu.md). For a small model it lost on an H100 (SmolLM2-135M: 5.2 s vs
+        # 3.0 s; smaller prefill forwards, more copies). Default (None): on, except on CUDA for models under
+        # PREFIX_SHARING_MIN_PARAMS parameters; decided when the weights are loaded.
+        self.prefix_sharing: bool | None = (None if self.device.startswith("cuda") else True) if prefix_sharing is None \
+            else prefix_sharing
         self.cuda_graphs = cuda_graphs
         self.shared_decode = shared_decode
         self.compile = compile or os.environ.get("COMPTRUST_COMPILE", "auto")
@@ -311,6 +317,8 @@ class HFEngine:
         self, prompts: Sequence[Prompt], progress: Callable[[int, int], None] | None = None
     ) -> list[Generation]:
         self.model  # noqa: B018 -- load the weights (lazily) before the first batch: sets eos_ids and top_k
+        if self.prefix_sharing is None:  # CUDA default: by model size (see __init__)
+            self.prefix_sharing = sum(p.numel() for p in self.model.parameters()) >= PREFIX_SHARING_MIN_PARAMS
         enc = [self.encode(p) for p in prompts]
         groups: dict[GenParams, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
