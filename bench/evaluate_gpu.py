@@ -8,6 +8,9 @@ Workloads (items built by comptrust's own loaders from the data folder):
   tox25  toxicity at the full profile: n = 25 samples per prompt, 150 new tokens, temperature 1 (--tox-limit
          prompts per prompt set; x 6 sets/templates);
   mix    stereotype + AdvGLUE + MMLU at the lite profile (n = 1; 150 / 16 / 16 new tokens): bench/throughput.py's mix.
+--prefix-sharing off,on runs the engine and evaluate paths with shared-prefix prefill off and on; --cprofile reruns
+each evaluate on its own results folder (all cache hits) under cProfile; evaluate's phases (cached generate, score(),
+bootstrap CIs) are timed from outside and tabled.
 Paths: "engine" = HFEngine.generate on the workload's prompts (shared-prefix decoding on, the default; for tox25 also
 "engine, unshared" with one K/V copy per row), "evaluate" = comptrust.evaluate.evaluate() into a fresh results
 folder, i.e. what `comptrust evaluate` runs after loading the model (random weights are built in memory, so the CLI's
@@ -44,6 +47,7 @@ import throughput as tp  # noqa: E402
 from comptrust.engine.hf import HFEngine  # noqa: E402
 from comptrust.evaluate import evaluate, load_perspectives  # noqa: E402
 from comptrust.perspectives.base import EvalOptions  # noqa: E402
+from comptrust.toxicity_scorers.pool import score_workers  # noqa: E402
 
 WORKLOADS = {
     "tox25": (["toxicity"], "full"),
@@ -116,6 +120,41 @@ def profile_batch(eng, prompts, path: Path) -> None:
     print("\n".join(table.splitlines()[:22]), flush=True)
 
 
+PHASES: dict[str, float] = {}  # seconds per part of the evaluate run being measured (see instrument())
+
+
+def instrument() -> None:
+    """Time evaluate's parts from outside: the cached generate calls (engine + store), each perspective's score()
+    and its bootstrap CI; evaluate's wall time less these is loading, parsing and writing the outputs."""
+    import comptrust.evaluate as ev
+    from comptrust import perspectives as registry
+
+    inside: list[str] = []
+
+    def timer(key, fn):
+        def wrapped(*a, **k):
+            t0 = time.perf_counter()
+            inside.append(key)
+            try:
+                return fn(*a, **k)
+            finally:
+                inside.pop()
+                if not inside:  # score() inside the bootstrap counts as the bootstrap's
+                    PHASES[key] = PHASES.get(key, 0.0) + time.perf_counter() - t0
+        return wrapped
+
+    class TimedCached(ev.CachedEngine):
+        generate = timer("generate (engine + store)", ev.CachedEngine.generate)
+
+    ev.CachedEngine = TimedCached
+    ev.bootstrap_ci = timer("bootstrap CIs", ev.bootstrap_ci)
+    for name in ("toxicity", "stereotype", "advglue", "mmlu"):
+        cls = type(registry.get(name))
+        cls.score = timer("score()", cls.score)
+        if hasattr(cls, "start_scoring"):
+            cls.start_scoring = timer("start_scoring()", cls.start_scoring)
+
+
 def timed(fn):
     cuda = torch.cuda.is_available()
     if cuda:
@@ -142,6 +181,10 @@ def main() -> None:
     ap.add_argument("--tox-budget-scales", default="", help="comma list of factors: extra engine runs of tox25 with "
                     "the memory-sized default token budget times each (larger or smaller batches)")
     ap.add_argument("--profile", action="store_true", help="profile one tox25 batch (no CUDA graphs): top kernels")
+    ap.add_argument("--prefix-sharing", default="off", help="comma list of off,on: engine and evaluate runs with "
+                    "shared-prefix prefill off (the GPU default) and/or on")
+    ap.add_argument("--cprofile", action="store_true", help="after each evaluate run, rerun it on its own results "
+                    "folder (every generation a cache hit: what evaluate does beyond the engine) under cProfile")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
@@ -149,6 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
+    instrument()
     lim = tp.measure_limits(args.device)
     print(f"device {lim['device_name']}: {lim['bandwidth_measured'] / 1e9:.0f} GB/s copy, "
           f"{lim['peak_flops_measured'] / 1e12:.0f} TFLOP/s bf16", flush=True)
@@ -168,11 +212,15 @@ def main() -> None:
         free = torch.cuda.mem_get_info()[0] / 2**30 if args.device.startswith("cuda") else 0
         print(f"  warm-up {time.perf_counter() - t0:.1f} s; free GPU memory {free:.1f} GiB; (token budget, rows) for "
               f"{works[0]}: {eng._limits(sets[works[0]][0].params)}", flush=True)
+        sharing = [x.strip() == "on" for x in args.prefix_sharing.split(",") if x.strip()]
         for w in works:
             prompts = sets[w]
-            variants = [("engine", None, None)]
-            if w == "mmlu":  # shared-prefix prefill (the five demonstrations of a subject once per batch) on/off
-                variants = [("engine, prefix sharing off (GPU default)", None, None), ("engine, prefix sharing on", "share", None)]
+            variants = [("engine" + ("" if len(sharing) == 1 else ", prefix sharing off"), None, None)]
+            if w == "mmlu" or sharing == [True, False] or sharing == [False, True]:
+                # shared-prefix prefill (a prefix common to several prompts computed once per batch) off and on
+                variants = [("engine, prefix sharing off", None, None), ("engine, prefix sharing on", "share", None)]
+            elif sharing == [True]:
+                variants = [("engine, prefix sharing on", "share", None)]
             if w == "tox25":
                 variants += [] if args.no_unshared else [("engine, unshared", False, None)]
                 default = eng._limits(prompts[0].params)[0]
@@ -196,23 +244,52 @@ def main() -> None:
                 profile_batch(eng, prompts, args.out_dir / f"profile_{arch}.txt")
             if args.no_evaluate:
                 continue
-            out = Path(tempfile.mkdtemp(prefix=f"ct-eval-{w}-"))
-            shutil.rmtree(out)
-            eng.counters.clear()
-            names, _ = WORKLOADS[w]
-            res, secs = timed(lambda: evaluate(eng, {"name": rm.name}, names, options(w, args), out, progress=False))
-            c = dict(eng.counters)
-            extra = {"evaluate_stats": res.stats, "scored": sorted(res.scores), "not_run": res.not_run,
-                     "chunk_size_used": getattr(eng, "chunk_size", None)}
-            rows.append(row(w, arch, "evaluate end to end", len(prompts), secs, c, ps, lim, extra))
-            shutil.rmtree(out, ignore_errors=True)
+            for share in sharing:
+                eng.prefix_sharing = share
+                out = Path(tempfile.mkdtemp(prefix=f"ct-eval-{w}-"))
+                shutil.rmtree(out)
+                eng.counters.clear()
+                names, _ = WORKLOADS[w]
+                PHASES.clear()
+                res, secs = timed(lambda: evaluate(eng, {"name": rm.name}, names, options(w, args), out, progress=False))
+                c = dict(eng.counters)
+                engine_s = c.get("prefill_seconds", 0.0) + c.get("decode_seconds", 0.0)
+                phases = {k: round(v, 2) for k, v in PHASES.items()}
+                phases["engine (prefill + decode)"] = round(engine_s, 2)
+                extra = {"evaluate_stats": res.stats, "scored": sorted(res.scores), "not_run": res.not_run,
+                         "chunk_size_used": getattr(eng, "chunk_size", None), "phases": phases,
+                         "score_workers": score_workers()}
+                label = "evaluate end to end" + ("" if len(sharing) == 1 and not share else
+                                                 f", prefix sharing {'on' if share else 'off'}")
+                rows.append(row(w, arch, label, len(prompts), secs, c, ps, lim, extra))
+                print(f"    phases (s): {phases}", flush=True)
+                if args.cprofile:
+                    import cProfile
+                    import io
+                    import pstats
+
+                    pr = cProfile.Profile()
+                    t0 = time.perf_counter()
+                    pr.enable()
+                    evaluate(eng, {"name": rm.name}, names, options(w, args), out, progress=False)
+                    pr.disable()
+                    rerun = time.perf_counter() - t0
+                    buf = io.StringIO()
+                    buf.write(f"{w} | {arch} | evaluate rerun on its own results folder (all cache hits): "
+                              f"{rerun:.2f} s under cProfile\n")
+                    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(40)
+                    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                    (args.out_dir / f"cprofile_{w}_{arch}{'_share' if share else ''}.txt").write_text(buf.getvalue())
+                    print(f"    cached rerun under cProfile: {rerun:.2f} s", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            eng.prefix_sharing = False
         del eng, model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     doc = {"device": lim["device_name"], "limits": lim, "torch": torch.__version__, "rows": rows,
            "command": " ".join(sys.argv),
-           "vllm": "not measured: the device image has no vLLM, and its wheel (with its own torch build) is far over "
-                   "the 64 MiB a device call can carry"}
+           "vllm": "not measured: the device image has no vLLM, and vLLM 0.33's wheel plus the CUDA torch 2.14 build it "
+                   "pins are several hundred MiB, far over the 64 MiB a device call can carry"}
     stem = args.out_dir / f"evaluate_gpu{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
     md = [f"# `comptrust evaluate` on {lim['device_name']}", "", f"`{doc['command']}`; torch {torch.__version__}; measured "
@@ -226,6 +303,15 @@ def main() -> None:
                   f"{r['tok_per_s']:.0f} | {r['decode_tok_per_s'] or 0:.0f} | {r['prefill_tok_per_s'] or 0:.0f} | "
                   f"{r['mean_decode_rows']} | {100 * r['roofline_fraction']:.1f} | "
                   f"{100 * (r['decode_roofline_fraction'] or 0):.1f} | {kv} | {r['peak_gpu_mib']} |")
+    phased = [r for r in rows if r.get("phases")]
+    if phased:
+        md += ["", "Where evaluate's time goes (s; score() is the main score, the bootstrap's 200 re-scorings are under "
+               "bootstrap CIs; scoring workers: " + ", ".join(sorted({str(r['score_workers']) for r in phased})) + "):",
+               "", "| workload | model | path | total | " + " | ".join(phased[0]["phases"]) + " |",
+               "|---|---|---|---|" + "---|" * len(phased[0]["phases"])]
+        for r in phased:
+            md.append(f"| {r['workload']} | {r['model']} | {r['path']} | {r['seconds']} | "
+                      + " | ".join(str(r["phases"].get(k, 0)) for k in phased[0]["phases"]) + " |")
     md += ["", f"vLLM: {doc['vllm']}."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
