@@ -102,7 +102,9 @@ def load_recipe(path: str | Path) -> RecipeInfo:
                          "'quant_stage: {quant_modifiers: {GPTQModifier: {...}}}'")
 
     from comptrust.compress.quantize import _quiet_llmcompressor
+    from comptrust.extras import require
 
+    require(f"--recipe {where}", "compress")  # the recipe is read by llm-compressor itself
     _quiet_llmcompressor()
     from llmcompressor.modifiers.factory import ModifierFactory
     from llmcompressor.recipe import Recipe
