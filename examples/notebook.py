@@ -7,7 +7,8 @@ print("ethics:", r.score("ethics"), "refusals:", r.perspectives["ethics"].refusa
 
 # 2. compress it: 8-bit round-to-nearest (no calibration data, seconds); the folder is a model= for evaluate
 ck = comptrust.compress(method="rtn", bits=8, out="runs/nb-rtn-w8")
-print("compressed:", ck.label, "perplexity", ck.record["checks"]["perplexity"])
+ppl = ck.record["checks"]["perplexity"]
+print("compressed:", ck.label, f"held-out perplexity {ppl['before']:.2f} -> {ppl['after']:.2f}")
 
 # 3. a tiny study: dense vs 8-bit RTN, two perspectives, a dict with the study file's keys
 study = comptrust.run_study(
