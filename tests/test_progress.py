@@ -137,3 +137,22 @@ def test_damaged_rates_file_is_no_prior(tmp_path, monkeypatch):
     assert progress.load_rates() == {}
     progress.save_rate("k", "eval", 123.0)
     assert progress.load_rates() == {"k": {"eval": 123.0}}
+
+
+def test_pause_between_generate_calls_is_not_generation(clock):
+    """evaluate parses a perspective's outputs (and starts toxicity's scoring) between two generate calls: that
+    time must not slow the rate, while it passes and after."""
+    g = GenerationProgress("off")
+    g.mode = "lines-test"
+    g.plan([prompts(4, 100, 20), prompts(4, 100, 20)])
+    g.start(8, "generating (a, b)")
+    g.engine_started()
+    clock[0] += 10.0
+    g.batch(4, 40)  # the first call: 4 prompts in 10 s
+    assert g.eta() == pytest.approx(10.0)
+    clock[0] += 30.0  # 30 s of scoring, no engine activity
+    assert g.eta() == pytest.approx(10.0)
+    g.start(8, "generating (a, b)")  # the second call begins
+    clock[0] += 5.0
+    g.step(4, 10, 20)  # half of it in 5 s
+    assert g.eta() == pytest.approx(5.0, rel=1e-2)  # step() counts a batch at most 99.9% done

@@ -110,6 +110,10 @@ class GenerationProgress:
         self.label = ""
         self.segments: list[tuple[int, float]] = []  # (prompts, work) of each generate call, in order (plan())
         self.hit_work = 0.0  # work of cache hits (done, but not generated: kept out of the rate)
+        # time between one generate call's last batch and the next call's start is not generation (parsing, and
+        # toxicity's scoring, which evaluate starts there): kept out of the rate
+        self.idle = 0.0
+        self._last_gen: float | None = None
 
     @classmethod
     def for_stream(cls, enabled: bool | None, stream: TextIO | None = None) -> "GenerationProgress":
@@ -141,7 +145,20 @@ class GenerationProgress:
     def total_work(self) -> float:
         return sum(w for _, w in self.segments) if self.segments else float(self.total)
 
+    def _idle_now(self, now: float) -> float:
+        """Seconds since the last batch when every prompt of the calls so far is done (between two calls)."""
+        if self._last_gen is None or self.partial or not self.segments:
+            return 0.0
+        ends, acc = set(), 0
+        for n, _ in self.segments:
+            acc += n
+            ends.add(acc)
+        return now - self._last_gen if self.done in ends else 0.0
+
     def start(self, total: int, label: str) -> None:
+        if self.total and self.mode != "off":  # the next generate call begins: the pause before it is not generation
+            self.idle += self._idle_now(time.time())
+            self._last_gen = None
         if self.total or total == 0 or self.mode == "off":
             return
         self.total, self.label = total, _short_label(label)
@@ -195,6 +212,7 @@ class GenerationProgress:
         self._tokens_since_commit += tokens
         self.done += n
         self.tokens += tokens
+        self._last_gen = time.time()
         self._show()
 
     def step(self, prompts: int, steps_done: int, max_new: int) -> None:
@@ -210,6 +228,7 @@ class GenerationProgress:
             self.engine_started()
             self.generated += rest
             self.done += rest
+            self._last_gen = time.time()
             self.tokens += max(rest_tok, 0)
             self._show()
 
@@ -233,7 +252,8 @@ class GenerationProgress:
         """Estimated work (work_of units) generated per second since generation started."""
         if self.t_gen is None:
             return None
-        dt = time.time() - self.t_gen
+        now = time.time()
+        dt = now - self.t_gen - self.idle - self._idle_now(now)
         gen = self.work_at(self.done + self.partial) - self.hit_work
         if dt > 0.5 and gen > 0:
             LAST_RATE["work_per_s"] = gen / dt
