@@ -26,7 +26,7 @@ def simulate_metric(pname: str, delta: float, alpha: float, budget: float, sims:
     from comptrust import perspectives as registry
     from comptrust.evaluate import options_for
     from comptrust.study.analysis import _bootstrap, combine_se, verdict_of
-    from comptrust.study.runner import eval_options
+    from comptrust.study.plan import eval_options
     from comptrust.study.spec import parse_spec
     from comptrust.types import Record
 

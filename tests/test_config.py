@@ -94,7 +94,7 @@ def test_to_options_carries_every_setting_to_the_perspectives(mini_data):
 
 
 def test_study_keys_come_from_eval_config(tmp_path):
-    from comptrust.study.runner import eval_fingerprint
+    from comptrust.study.plan import eval_fingerprint
     from comptrust.study.spec import STUDY_EVAL_KEYS, TOP_KEYS, StudySpec, load_spec, parse_spec
 
     fields = {f.name for f in dataclasses.fields(StudySpec)}

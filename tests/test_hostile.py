@@ -45,7 +45,7 @@ def test_variant_names_must_be_one_safe_folder_name(tmp_path, name, why):
 
 
 def test_checkpoint_dir_refuses_an_instance_outside_the_models_folder(tmp_path):
-    from comptrust.study.runner import checkpoint_dir
+    from comptrust.study.units import checkpoint_dir
 
     assert checkpoint_dir(tmp_path, "gptq-w4@s0") == tmp_path / "models" / "gptq-w4@s0"
     for bad in ("../../escaped@s0", "..", "/etc@s0", ""):
@@ -209,7 +209,7 @@ def test_a_server_echoing_the_api_key_never_gets_it_printed_or_stored(tmp_path, 
     msg = str(e.value)
     assert "headers were" in msg and SECRET not in msg and "[redacted]" in msg, msg
     # the study records the error of a failed unit: redacted on the way in, and on the way out for old rows
-    from comptrust.study.runner import _one_line
+    from comptrust.study.units import _one_line
 
     with Store(tmp_path / "s.sqlite") as st:
         st.put_unit("eval:dense:ethics", "eval", "failed", {"fingerprint": "x"}, 1.0, _one_line(e.value))
@@ -416,7 +416,7 @@ def test_truncated_or_empty_unit_result_is_a_failed_unit(tmp_path, stored, why):
 
 
 def _study_dir(tmp_path: Path) -> Path:
-    from comptrust.study.runner import SPEC_NAME
+    from comptrust.study.plan import SPEC_NAME
     from comptrust.study.spec import parse_spec
 
     d = tmp_path / "study"

@@ -16,7 +16,7 @@ from comptrust import perspectives as registry
 from comptrust.evaluate import options_for
 from comptrust.store import STORE_NAME, Store
 from comptrust.study.plan import SPEC_NAME, Plan, eval_options
-from comptrust.study.runner import _compact
+from comptrust.study.units import _compact
 from comptrust.study.spec import parse_spec
 from comptrust.types import Record
 

@@ -17,7 +17,8 @@ from comptrust.study.runner import write_report
 from comptrust import perspectives as registry
 from comptrust.store import STORE_NAME, Store
 from comptrust.study.analysis import _p_value
-from comptrust.study.runner import SPEC_NAME, Plan, _compact, compress_unit, eval_options, eval_unit
+from comptrust.study.plan import SPEC_NAME, Plan, compress_unit, eval_options, eval_unit
+from comptrust.study.units import _compact
 from comptrust.study.spec import parse_spec
 from comptrust.types import Record
 

@@ -22,7 +22,8 @@ from comptrust.study.analysis import (
     CONFOUNDED, DEGENERATE, KEEPS, LOSES, UNDECIDED, gs_boundaries, items_to_decide, obf_spending, se_floor,
     verdict_of,
 )
-from comptrust.study.runner import SPEC_NAME, Plan, _compact, eval_options
+from comptrust.study.plan import SPEC_NAME, Plan, eval_options
+from comptrust.study.units import _compact
 from comptrust.study.spec import parse_spec
 from comptrust.types import Record
 

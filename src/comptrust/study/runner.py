@@ -32,23 +32,19 @@ from comptrust.progress import StudyProgress, work_of
 from comptrust.results import StudyReport
 from comptrust.store import STORE_NAME, Store, write_atomic
 
-# the plan (units, ids, fingerprints, the study's EvalConfig) lives in study/plan.py, below this module and the
-# report; re-exported here for callers that import it from the runner
-from comptrust.study.plan import (  # noqa: F401
+# the plan (units, ids, fingerprints, the study's EvalConfig) lives in study/plan.py, the unit helpers the local
+# and the Ray executor share in study/units.py
+from comptrust.study.plan import (
     SPEC_NAME,
     Plan,
-    Unit,
     compress_unit,
-    eval_config,
-    eval_fingerprint,
     eval_options,
     eval_unit,
     instance_key,
     load_study,
 )
-from comptrust.study.spec import DENSE, StudySpec, Variant  # noqa: F401
-from comptrust.study.units import (  # noqa: F401 -- re-exported for callers that import them from the runner
-    _compact,
+from comptrust.study.spec import StudySpec, Variant
+from comptrust.study.units import (
     _one_line,
     backend_for,
     checkpoint_dir,
