@@ -27,7 +27,6 @@ from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.perspectives.base import EvalOptions, Loaded, MissingData
 from comptrust.progress import GenerationProgress
 from comptrust.store import STORE_NAME, Store, write_atomic_many
-from comptrust.toxicity_scorers.memo import MemoScorer
 from comptrust.types import Record
 
 
@@ -261,9 +260,7 @@ def evaluate(
                     Record(item=it, outputs=list(g.texts), parsed=[p.parse(it, t, popts) for t in g.texts])
                     for it, g in zip(ld.items, gens)
                 ]
-                start = getattr(p, "start_scoring", None)  # toxicity: its scorer starts on other cores meanwhile
-                if callable(start):
-                    score_opts[name] = start(records[name], popts)
+                score_opts[name] = p.start_scoring(records[name], popts)  # toxicity: scoring starts on other cores
         finally:
             bar.stop()
             if hasattr(engine, "on_step"):
@@ -383,10 +380,7 @@ def bootstrap_ci(p: Any, popts: EvalOptions, loaded: Loaded, recs: Sequence[Reco
     if sum(len(g) for g in groups) < 2:  # one item resamples to itself: no interval to give
         return {"low": None, "high": None, "resamples": 0, "scored_resamples": 0,
                 "method": "not computed: a single item leaves nothing to resample"}
-    if p.name == "toxicity" and not isinstance(popts.extra.get("toxicity_scorer"), MemoScorer):
-        from comptrust.perspectives.toxicity import resolve_scorer
-
-        popts = replace(popts, extra={**popts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(popts))})
+    popts = p.scoring_options(popts)
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(b):

@@ -114,6 +114,22 @@ class Perspective:
     def score(self, records: Sequence[Record], opts: EvalOptions, loaded: Loaded | None = None) -> Score:
         raise NotImplementedError
 
+    # -- scoring hooks (evaluate and the study's analysis call them for every perspective) --------------------
+    def scoring_options(self, opts: EvalOptions) -> EvalOptions:
+        """The options to call score() with many times over the same records (a bootstrap): a perspective whose
+        scoring is costly memoises here (toxicity: each text scored once). The default: `opts` unchanged."""
+        return opts
+
+    def start_scoring(self, records: Sequence[Record], opts: EvalOptions) -> EvalOptions:
+        """Called as soon as this perspective's generations exist, while the engine goes on with the next
+        perspective: a perspective may start scoring in the background here. Returns scoring_options(opts)."""
+        return self.scoring_options(opts)
+
+    def score_note(self, opts: EvalOptions) -> str | None:
+        """A line the report shows beside this perspective's numbers (toxicity: which scorer, how close it is to
+        DecodingTrust's). None by default."""
+        return None
+
     # convenience for subclasses
     def make_score(self, records: Sequence[Record], **kw: Any) -> Score:
         return Score(

@@ -305,9 +305,18 @@ class Toxicity(Perspective):
         score() and its bootstrap (each text scored once), which has begun scoring the texts in worker processes
         where the machine has the cores (toxicity_scorers.pool), so that scoring runs while the engine generates
         the next perspective's outputs. opts.public() is unchanged: the same scorer, by name."""
-        memo = MemoScorer(resolve_scorer(opts))
-        memo.prefetch(scorable_texts(records))
-        return replace(opts, extra={**opts.extra, "toxicity_scorer": memo})
+        opts = self.scoring_options(opts)
+        opts.extra["toxicity_scorer"].prefetch(scorable_texts(records))
+        return opts
+
+    def scoring_options(self, opts: EvalOptions) -> EvalOptions:
+        """`opts` with the scorer wrapped in a MemoScorer (once): a bootstrap's resamples score each text once."""
+        if isinstance(opts.extra.get("toxicity_scorer"), MemoScorer):
+            return opts
+        return replace(opts, extra={**opts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(opts))})
+
+    def score_note(self, opts: EvalOptions) -> str | None:
+        return agreement_note(resolve_scorer(opts).name)
 
     def score(self, records: Sequence[Record], opts: EvalOptions, loaded: Loaded | None = None) -> Score:
         p = _proto()["protocol"]

@@ -36,7 +36,6 @@ collapsed.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
@@ -44,7 +43,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from comptrust import perspectives as registry
-from comptrust.evaluate import MemoScorer, options_for, resampling_strata
+from comptrust.evaluate import options_for, resampling_strata
 from comptrust.perspectives.base import EvalOptions, MissingData
 from comptrust.results import Provenance, StudyAnalysis, StudyReport, StudySettings, UnitRow
 from comptrust.study.plan import Plan, compress_unit, eval_options, eval_unit
@@ -308,10 +307,7 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
     for pname in spec.perspectives:
         p = registry.get(pname)
         popts = options_for(p, opts)
-        if pname == "toxicity":
-            from comptrust.perspectives.toxicity import resolve_scorer
-
-            popts = replace(popts, extra={**popts.extra, "toxicity_scorer": MemoScorer(resolve_scorer(popts))})
+        popts = p.scoring_options(popts)
         done = {
             inst: stored[eval_unit(inst, pname)]
             for insts in instances.values()
@@ -331,10 +327,8 @@ def analyze(spec: StudySpec, stored: dict[str, dict[str, Any]], opts: EvalOption
                     boot, n_common, correction = _bootstrap(p, popts, loaded, recs, spec.bootstrap, spec.seed)
             except MissingData as e:
                 boot_note = f"no bootstrap: data no longer found ({e})"
-        if pname == "toxicity":  # what the toxicity numbers stand for, next to them in the report
-            from comptrust.toxicity_scorers import agreement_note
-
-            scorer_note = agreement_note(popts.extra["toxicity_scorer"].name)
+        scorer_note = p.score_note(popts)  # toxicity: what its numbers stand for, next to them in the report
+        if scorer_note:
             boot_note = f"{scorer_note}; {boot_note}" if boot_note else scorer_note
         unparse = {inst: unparseable_rate(pname, u["result"]["records"]) for inst, u in done.items()}
         per_p[pname] = {"done": done, "boot": boot, "n_common": n_common, "correction": correction, "note": boot_note,
