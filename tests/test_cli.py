@@ -310,3 +310,21 @@ def test_third_party_chatter_goes_to_the_log_file(tmp_path, capfd, monkeypatch):
     for _ in tqdm(range(2), desc="after the block"):
         pass
     assert "after the block" in capfd.readouterr().err  # everything restored
+
+
+def test_torch_loggers_go_to_the_log_even_when_torch_is_first_imported_in_the_block(tmp_path):
+    # torch gives its loggers their own stderr handlers when imported; a study imports it inside the block, and a
+    # torch.fx warning per compression reached the terminal. A fresh interpreter, so torch is not imported yet.
+    import subprocess
+    import sys
+
+    log = tmp_path / "comptrust.log"
+    code = ("import sys\nfrom pathlib import Path\nfrom comptrust.logs import third_party_to_log\n"
+            "assert 'torch' not in sys.modules\n"
+            "with third_party_to_log(Path(sys.argv[1])):\n"
+            "    import torch.fx._symbolic_trace as st\n"
+            "    st.is_fx_tracing()\n")
+    r = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "is_fx_tracing" not in r.stderr
+    assert "is_fx_tracing" in log.read_text()

@@ -41,7 +41,7 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
     os.environ["TQDM_DISABLE"] = "1"
     hf_bars = _transformers_bars(False)  # imports transformers first: it installs its stderr handler on import
     saved = []
-    for name in LOGGERS:
+    for name in _loggers():
         lg = logging.getLogger(name)
         saved.append((lg, lg.propagate, list(lg.handlers)))
         for h in list(lg.handlers):
@@ -82,6 +82,24 @@ def third_party_to_log(path: Path) -> Iterator[Path]:
             lg.propagate = prop
         _loguru_restore(loguru_id)
         handler.close()
+
+
+def _loggers() -> list[str]:
+    """LOGGERS, and every existing logger below one of them that prints by itself. torch is imported first (when
+    installed; what runs in the block imports it anyway, and the stage line is already out): on import it gives
+    "torch" and dozens of its loggers (torch.fx, torch._dynamo, ...) their own stderr handler with propagate off,
+    and a torch imported only inside the block put a `W1202 ... torch/fx/_symbolic_trace.py` line on the terminal
+    at every compression of a study."""
+    import importlib.util
+
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
+    out = list(LOGGERS)
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if (isinstance(lg, logging.Logger) and name.split(".")[0] in LOGGERS and name not in out
+                and any(isinstance(h, logging.StreamHandler) for h in lg.handlers)):
+            out.append(name)
+    return out
 
 
 class _LazyFileHandler(logging.FileHandler):
