@@ -16,6 +16,7 @@ from typing import Optional
 import click
 import typer
 
+from comptrust import perspectives as registry
 from comptrust.errors import ComptrustError, UsageError
 
 app = typer.Typer(
@@ -70,8 +71,8 @@ def evaluate(
         "--perspectives",
         "-p",
         "--tasks",
-        help="Comma list or 'all' (any case): toxicity, stereotype, advglue, ood, adv_demo, privacy, ethics, fairness, "
-        "mmlu. --tasks (lm-eval's name) is the same; 'list' prints them (comptrust perspectives).",
+        help=f"Comma list or 'all' (any case): {', '.join(registry.REGISTRY)}. --tasks (lm-eval's name) is the "
+        "same; 'list' prints them (comptrust perspectives).",
     ),
     suite: str = typer.Option(
         "mini", "--suite", help="mini = built-in offline mini suites; dt = DecodingTrust data (--data-dir)."
@@ -347,7 +348,6 @@ def list_perspectives(
 
 
 def _print_perspectives(limits: list[int], as_json: bool = False) -> None:
-    from comptrust import perspectives as registry
     from comptrust.config import EvalConfig
     from comptrust.evaluate import load_perspectives
 

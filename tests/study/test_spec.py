@@ -32,8 +32,8 @@ def test_default_study_matches_the_issue():
         "dense", "gptq-w8", "gptq-w4", "gptq-w3", "awq-w4", "magnitude-2of4", "sparsegpt-2of4", "wanda-2of4"
     ]
     assert len(spec.variants) == len(DEFAULT_VARIANTS)
-    assert spec.perspectives == ["toxicity", "stereotype", "advglue", "ood", "adv_demo", "privacy", "ethics",
-                                 "fairness", "mmlu"]
+    assert spec.perspectives == ["mmlu", "advglue", "ood", "adv_demo", "ethics", "fairness", "toxicity", "privacy",
+                                 "stereotype"]
     assert (spec.suite, spec.resolved_profile, spec.budget) == ("mini", "mini", 5.0)
     assert [v.bits() for v in spec.variants] == [16, 8, 4, 3, 4, 8, 8, 8]
 
@@ -74,7 +74,7 @@ def test_unknown_method_and_perspective(tmp_path):
     msg = _err(tmp_path, "variants:\n  - dense\n  - {method: gptqq, bits: 4}\n")
     assert ":3: variants[1]: unknown method 'gptqq' (did you mean 'gptq'?); valid: dense, gguf, gptq, awq" in msg
     msg = _err(tmp_path, "perspectives: [ethics, toxcity]\n")
-    assert ":1: unknown perspective 'toxcity' (did you mean 'toxicity'?); known: toxicity, stereotype" in msg
+    assert ":1: unknown perspective 'toxcity' (did you mean 'toxicity'?); known: mmlu, advglue, ood" in msg
 
 
 def test_bad_values_name_the_setting_and_line(tmp_path):
