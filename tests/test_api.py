@@ -130,3 +130,16 @@ def test_evaluate_for_real_writes_config_and_fingerprint(tmp_path):
     assert doc["config"]["limit"] == 1
     assert doc["config_fingerprint"] == comptrust.EvalConfig.build(limit=1).fingerprint() == r.config_fingerprint
     assert EvalResult.load(tmp_path / "o").perspectives["ethics"].score == r.score("ethics")
+
+
+def test_compress_with_a_recipe_needs_no_method(tmp_path):
+    # like `comptrust compress --recipe FILE`: recipe= alone means method recipe, validated before any model loads
+    import comptrust
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("stage:\n  modifiers:\n    NoSuchModifier: {}\n")
+    with pytest.raises(comptrust.UsageError, match=r"r\.yaml"):
+        comptrust.compress(recipe=str(bad), out=tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(comptrust.UsageError, match="method None"):
+        comptrust.compress(out=tmp_path / "ck")

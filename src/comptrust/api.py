@@ -118,11 +118,14 @@ def compress(
 
     Args:
         model: None for the embedded SmolLM2-135M-Instruct; a .gguf file, a Hugging Face folder or a Hub id.
-        method: gptq, awq, rtn (quantization) or magnitude, sparsegpt, wanda (pruning).
+        method: a registered method (comptrust.compress.config.METHODS): gptq, awq, rtn, gptq-w8a8, fp8-dynamic
+            (quantization), magnitude, sparsegpt, wanda (pruning), or recipe; None with ``recipe=`` set means
+            recipe, as ``comptrust compress --recipe FILE`` does.
         out: the checkpoint folder (new, or an earlier comptrust checkpoint, which is replaced).
         progress: called with one line per step (default: lines on stderr).
         **settings: CompressionConfig fields, named like ``comptrust compress``'s options: bits, group_size,
-            sparsity, structure, calibration, n_calib, seq_len, seed, awq_grid.
+            sparsity, structure, calibration, n_calib, seq_len, seed, awq_grid, actorder, recipe (an llm-compressor
+            recipe file).
 
     Returns:
         A :class:`CompressResult`: the folder (a valid ``model=`` for :func:`evaluate`) and its record.
@@ -133,6 +136,8 @@ def compress(
 
     if out is None:
         raise UsageError("out: the checkpoint folder is required (e.g. out='models/gptq-w4')")
+    if method is None and settings.get("recipe") is not None:
+        method = "recipe"
     if method not in METHODS:
         raise UsageError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     cfg = CompressionConfig.build(method=method, **settings)
