@@ -136,14 +136,7 @@ class CompressionConfig(BaseModel):
                 if val is not None:
                     raise ValueError(f"--{name} {val} makes no sense with {m}, which uses no calibration data")
         else:
-            if self.n_calib is None:
-                self.n_calib = DEFAULT_N_CALIB
-            if self.seq_len is None:
-                self.seq_len = DEFAULT_SEQ_LEN
-            if self.n_calib < 1:
-                raise ValueError(f"--n-calib {self.n_calib} must be >= 1")
-            if self.seq_len < 8:
-                raise ValueError(f"--seq-len {self.seq_len} must be >= 8")
+            self._calibration_sizes()
         return self
 
     def _check_recipe(self) -> "CompressionConfig":
@@ -174,6 +167,11 @@ class CompressionConfig(BaseModel):
                                  f"{self.recipe}; the recipe says what to run"
                                  + (f" ({name} {derived})" if derived is not None else ""))
             setattr(self, name, derived)
+        self._calibration_sizes()
+        return self
+
+    def _calibration_sizes(self) -> None:
+        """The calibration set's size for a method that reads one: defaults filled in, then checked."""
         if self.n_calib is None:
             self.n_calib = DEFAULT_N_CALIB
         if self.seq_len is None:
@@ -182,7 +180,6 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"--n-calib {self.n_calib} must be >= 1")
         if self.seq_len < 8:
             raise ValueError(f"--seq-len {self.seq_len} must be >= 8")
-        return self
 
     # -- derived -----------------------------------------------------------------------------------------------
     @property
