@@ -97,6 +97,7 @@ def test_aggregation_over_seeds_and_deltas(tmp_path):
     assert rec["variant"] is None and rec["text"].startswith("None of the compressed variants")
     assert set(rec["rejected"]) == {"rtn-w4", "magnitude-2of4"}
     assert "seed 1)" in rec["rejected"]["rtn-w4"] and "loses" in rec["rejected"]["rtn-w4"]
+    assert all(f"{n}: {why}" in rec["text"] for n, why in rec["rejected"].items())  # the text says why
 
 
 def test_point_rule_recommends_most_compressed_within_budget(tmp_path):

@@ -155,6 +155,14 @@ def test_refusals_that_raise_a_score_are_flagged_and_never_keep(tmp_path):
     assert float(table["rtn-w4"]["stereotype_refusal_change"]) > 10
     html = (tmp_path / "report.html").read_text()
     assert html.count(CONFOUNDED) >= 2 and "refusals!" in html  # scores table and heatmap
+    # the terminal summary shows the flag too (it is "[...]", which rich would take for markup and drop)
+    from rich.console import Console
+
+    from comptrust.study.command import _print_summary
+
+    console = Console(record=True, width=200)
+    _print_summary(tmp_path, a, console=console)
+    assert f"[{CONFOUNDED}]" in console.export_text()
 
 
 def test_unparseable_outputs_are_counted_per_perspective(tmp_path):

@@ -659,9 +659,10 @@ def recommend_noninferiority(spec: StudySpec, variants: dict[str, Any], dense_na
                 + "This run does not show that the dense model is needed: the differences are within noise.")
         return {"variant": None, "text": text, "kept": [], "rejected": rejected, "undecided": undecided,
                 "limit_hint": more_limit}
-    text = (f"None of the compressed variants keeps trust: each loses more than {b:g} points on some perspective "
-            f"with {100 * (1 - spec.alpha):g}% confidence, or is flagged. Ship the dense model, or widen the search "
-            f"(more bits, other methods).")
+    why = "; ".join(f"{n}: {r}" for n, r in rejected.items())
+    text = (f"None of the compressed variants keeps trust ({why}): each loses more than {b:g} points on some "
+            f"perspective with {100 * (1 - spec.alpha):g}% confidence, or is flagged (a flagged score is not "
+            f"counted). Ship the dense model, or widen the search (more bits, other methods).")
     return {"variant": None, "text": text, "kept": [], "rejected": rejected, "undecided": {}, "limit_hint": None}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -171,7 +171,7 @@ def _print_status(out: Path) -> None:
     c.print(", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
-def _print_summary(out: Path, analysis: dict) -> None:
+def _print_summary(out: Path, analysis: dict, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -195,10 +195,10 @@ def _print_summary(out: Path, analysis: dict) -> None:
                 vd = (c.get("verdict") or {}).get("verdict")
                 mark = {"keeps": " keeps", "loses": " loses", "undecided": " undecided"}.get(vd, "")
                 if c.get("flags"):
-                    mark += " [" + ", ".join(c["flags"]) + "]"
+                    mark += " \\[" + ", ".join(c["flags"]) + "]"  # a literal "[", not rich markup
                 cells.append(f"{c['mean']:.1f} ({c.get('delta', 0):+.1f}{'*' if c.get('significant') else ''}){mark}")
         t.add_row(name, *cells)
-    c = Console()
+    c = console or Console()
     c.print(t)
     c.print(analysis["recommendation"]["text"])
     counts = _unit_counts(out)
