@@ -433,7 +433,7 @@ class StudyProgress:
     def _eta(self) -> str:
         left, sure = self.estimate()
         note = {"measured": "", "prior": " (from rates measured before)",
-                "rough": " (rough: no rate measured yet on this machine)"}[sure]
+                "rough": " (rough: built-in figures for what has not run on this machine yet)"}[sure]
         return f"ETA {_dur(left)}{note}"
 
     def announce(self, out_dir: Any) -> None:
