@@ -195,8 +195,29 @@ def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-if __name__ == "__main__":  # the drawing
+def package_edges(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph folded to comptrust's top-level packages and modules (study, engine, store, ...)."""
+    top = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for a, bs in g.items():
+        out.setdefault(top(a), set()).update(top(b) for b in bs if top(b) != top(a))
+    return out
+
+
+def test_packages_point_down_too():
+    for a, bs in package_edges(graph()).items():
+        up = [b for b in bs if (layer(b) or 0) > (layer(a) or 0)]
+        assert not up, f"{a} imports {up}, above it"
+
+
+if __name__ == "__main__":  # the drawing: `python tests/test_architecture.py [--packages]`
     g = graph()
+    if "--packages" in sys.argv:
+        pe = package_edges(g)
+        for m in sorted(pe, key=lambda x: (-(layer(x) or 0), x)):
+            print(f"{layer(m)} {NAMES[layer(m) or 1]:18s} {m.removeprefix('comptrust.')} -> "
+                  + ", ".join(sorted(d.removeprefix("comptrust.") for d in pe[m])))
+        raise SystemExit(0)
     for rank in sorted(NAMES, reverse=True):
         print(f"== {rank} {NAMES[rank]}")
         for m in sorted(x for x in g if layer(x) == rank):
