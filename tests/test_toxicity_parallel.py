@@ -147,3 +147,19 @@ def test_repeated_scores_reuse_each_records_summary(dt_data):
     fresh = EvalOptions(data_dir=popts.data_dir, profile="lite", limit=2, n=5, extra={"toxicity_scorer": Counting()})
     assert again == p.score(resample, fresh, ld).to_dict()
     assert first["score"] == p.score(recs, fresh, ld).to_dict()["score"]
+
+
+def test_a_worker_error_comes_back_as_one_line(monkeypatch):
+    # the pipe carries JSON (scorer name, texts, scores); a worker that cannot build or run the scorer says why
+    from comptrust.errors import RuntimeFailure
+
+    class Unknown:
+        name = "no-such-scorer"
+        process_safe = True
+
+        def score(self, texts):
+            return [0.0 for _ in texts]
+
+    par = ParallelScorer(Unknown(), workers=2, min_texts=1)
+    with pytest.raises(RuntimeFailure, match="unknown toxicity scorer 'no-such-scorer'"):
+        par.score(["a", "b", "c"])

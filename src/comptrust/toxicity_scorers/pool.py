@@ -12,20 +12,24 @@ process too. The workers are started on first use (fresh interpreters that impor
 inherit neither CUDA nor the engine's threads, and the caller's script is not run again) and live until the
 process exits. `submit()` starts scoring and returns at once, so a caller can score
 one perspective's generations while the engine generates the next's.
+
+The pipe between this process and a worker carries JSON lines (never pickle: no deserialisation of code-bearing
+objects, as everywhere in comptrust): the scorer's name and the texts one way, the scores or an error message back.
+A worker builds its scorer with get_scorer(name), so only scorers built from a name with no options are pooled
+(what resolve_scorer makes).
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
+import json
 import os
-import pickle
 import queue
 import subprocess
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Any, BinaryIO
+from typing import Any
 
 from comptrust.errors import RuntimeFailure, UsageError
 from comptrust.toxicity_scorers.base import Scorer
@@ -54,22 +58,22 @@ def score_workers() -> int:
 
 
 def _worker_main() -> None:
-    """A worker process: read (digest, pickled scorer or None, texts) from stdin, write ("ok", scores) or
-    ("error", message) to stdout, until stdin closes. The scorer is unpickled once and kept by its digest."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    """A worker process: read {"scorer": name, "texts": [...]} lines from stdin, write {"ok": scores} or
+    {"error": message} lines to stdout, until stdin closes. Each scorer is built once, by name."""
+    from comptrust.toxicity_scorers import get_scorer
+
+    stdout = sys.stdout
     scorers: dict[str, Any] = {}
-    while True:
+    for line in sys.stdin:
         try:
-            digest, blob, texts = pickle.load(stdin)
-        except EOFError:
-            return
-        try:
-            if digest not in scorers:
-                scorers[digest] = pickle.loads(blob)
-            reply: tuple[str, Any] = ("ok", list(scorers[digest].score(texts)))
+            msg = json.loads(line)
+            name = msg["scorer"]
+            if name not in scorers:
+                scorers[name] = get_scorer(name)
+            reply: dict[str, Any] = {"ok": list(scorers[name].score(msg["texts"]))}
         except Exception as e:  # sent back: the parent raises it in the caller's thread
-            reply = ("error", f"{type(e).__name__}: {e}")
-        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        stdout.write(json.dumps(reply) + "\n")
         stdout.flush()
 
 
@@ -78,12 +82,12 @@ class _Worker:
     modules: no fork of a process with CUDA or engine threads, and no re-run of the caller's main script) and the
     thread that feeds it slices from the pool's queue."""
 
-    def __init__(self, jobs: "queue.Queue[tuple[str, bytes, list[str], Future] | None]"):
+    def __init__(self, jobs: "queue.Queue[tuple[str, list[str], Future] | None]"):
         code = (f"import sys; sys.path[:0] = {[p for p in sys.path if p]!r}; "
                 "from comptrust.toxicity_scorers.pool import _worker_main; _worker_main()")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.seen: set[str] = set()
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     text=True, encoding="utf-8")
         self.jobs = jobs
         threading.Thread(target=self._run, daemon=True, name="comptrust-score-worker").start()
 
@@ -94,26 +98,24 @@ class _Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            digest, blob, texts, fut = job
+            name, texts, fut = job
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                self._send(stdin, (digest, None if digest in self.seen else blob, texts))
-                self.seen.add(digest)
-                kind, value = pickle.load(stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as e:
+                stdin.write(json.dumps({"scorer": name, "texts": texts}) + "\n")
+                stdin.flush()
+                line = stdout.readline()
+                if not line:
+                    raise EOFError("no reply")
+                reply = json.loads(line)
+            except (OSError, EOFError, ValueError) as e:
                 fut.set_exception(RuntimeFailure(f"a toxicity scoring worker (pid {self.proc.pid}) stopped: "
                                                  f"{type(e).__name__}; exit code {self.proc.poll()}"))
                 return
-            if kind == "ok":
-                fut.set_result(value)
+            if "ok" in reply:
+                fut.set_result(reply["ok"])
             else:
-                fut.set_exception(RuntimeFailure(f"toxicity scoring worker: {value}"))
-
-    @staticmethod
-    def _send(stream: BinaryIO, msg: Any) -> None:
-        pickle.dump(msg, stream, protocol=pickle.HIGHEST_PROTOCOL)
-        stream.flush()
+                fut.set_exception(RuntimeFailure(f"toxicity scoring worker: {reply.get('error')}"))
 
     def close(self) -> None:
         try:
@@ -128,12 +130,12 @@ class _Pool:
     """`workers` scoring processes sharing one queue of slices."""
 
     def __init__(self, workers: int):
-        self.jobs: "queue.Queue[tuple[str, bytes, list[str], Future] | None]" = queue.Queue()
+        self.jobs: "queue.Queue[tuple[str, list[str], Future] | None]" = queue.Queue()
         self.workers = [_Worker(self.jobs) for _ in range(workers)]
 
-    def submit(self, digest: str, blob: bytes, texts: list[str]) -> Future:
+    def submit(self, name: str, texts: list[str]) -> Future:
         fut: Future = Future()
-        self.jobs.put((digest, blob, texts, fut))
+        self.jobs.put((name, texts, fut))
         return fut
 
     def close(self) -> None:
@@ -179,42 +181,28 @@ class PendingScores:
 
 
 class ParallelScorer:
-    """A scorer that scores large batches with `inner` in worker processes; small ones (and all of them where
-    score_workers() is 1) in this process. Same name, same scores, same order as `inner`."""
+    """A scorer that scores large batches with `inner` in worker processes (each builds get_scorer(inner.name));
+    small ones (and all of them where score_workers() is 1) in this process. Same name, same scores, same order
+    as `inner`."""
 
     def __init__(self, inner: Scorer, workers: int | None = None, min_texts: int = PARALLEL_MIN_TEXTS):
         self.inner = inner
         self.name = inner.name
         self.workers = score_workers() if workers is None else max(1, workers)
         self.min_texts = min_texts
-        self._blob: bytes | None = None
-        self.digest = ""
-
-    def _pickled(self) -> bytes | None:
-        """The scorer as the workers get it; None when it cannot be pickled (then it scores in this process)."""
-        if self._blob is None and not self.digest:
-            try:
-                self._blob = pickle.dumps(self.inner)
-                self.digest = hashlib.sha1(self._blob).hexdigest()
-            except (pickle.PicklingError, AttributeError, TypeError):
-                self.digest = "unpicklable"
-        return self._blob
 
     def parallel(self, n_texts: int) -> bool:
         """Whether a batch of n_texts goes to the workers."""
-        return self.workers > 1 and n_texts >= self.min_texts and self._pickled() is not None
+        return self.workers > 1 and n_texts >= self.min_texts
 
     def submit(self, texts: list[str]) -> PendingScores:
         """Start scoring `texts` in the pool and return at once."""
         texts = list(texts)
-        blob = self._pickled()
-        if blob is None:
-            raise RuntimeFailure(f"toxicity scorer '{self.name}' cannot be sent to worker processes (not picklable)")
         n = min(len(texts), self.workers * SLICES_PER_WORKER) or 1
         bounds = [len(texts) * k // n for k in range(n + 1)]
         slices = [texts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
-        pool = _pool(self.workers)  # a worker is sent the pickled scorer (~50 kB for `offline`) once
-        return PendingScores([pool.submit(self.digest, blob, s) for s in slices])
+        pool = _pool(self.workers)
+        return PendingScores([pool.submit(self.name, s) for s in slices])
 
     def score(self, texts: list[str]) -> list[float | None]:
         if not self.parallel(len(texts)):
@@ -225,7 +213,8 @@ class ParallelScorer:
 def parallel_scorer(scorer: Scorer) -> Scorer:
     """`scorer` wrapped in a ParallelScorer when it can run in worker processes (its class says so with
     `process_safe = True`: the offline scorers; not a GPU classifier, nor the rate-limited Perspective client)
-    and more than one worker is allowed; else `scorer` itself."""
+    and more than one worker is allowed; else `scorer` itself. For a scorer built with get_scorer(name) and no
+    options (what resolve_scorer passes): the workers build theirs by that name."""
     if isinstance(scorer, ParallelScorer) or not getattr(type(scorer), "process_safe", False):
         return scorer
     workers = score_workers()
