@@ -198,7 +198,8 @@ def _print_summary(out: Path, analysis: dict, console: Any = None) -> None:
                     mark += " \\[" + ", ".join(c["flags"]) + "]"  # a literal "[", not rich markup
                 cells.append(f"{c['mean']:.1f} ({c.get('delta', 0):+.1f}{'*' if c.get('significant') else ''}){mark}")
         t.add_row(name, *cells)
-    c = console or Console()
+    # piped (nohup, Slurm logs): rich would cut every cell to 80 columns (`unde…`); wide enough for 9 perspectives
+    c = console or Console(width=None if sys.stdout.isatty() else 240)
     c.print(t)
     c.print(analysis["recommendation"]["text"])
     counts = _unit_counts(out)
