@@ -174,6 +174,19 @@ def test_unparseable_outputs_are_counted_per_perspective(tmp_path):
     assert a["variants"]["magnitude-2of4"]["perspectives"]["ethics"]["unparseable"] == 0.0
 
 
+def test_a_perspective_nobody_can_be_scored_on_keeps_no_variant(tmp_path):
+    # fairness where no model answers parsably (an adaptive round's first look has this: 2 items a setting): no
+    # verdict anywhere, so nothing is shown to keep trust (it used to count as "keeps" and then crash the advice)
+    spec = {**BIG, "perspectives": ["fairness"]}
+    build(tmp_path, spec, {"dense": lambda p, it, i: "zq", "rtn-w4@s0": lambda p, it, i: "zq",
+                           "magnitude-2of4@s0": lambda p, it, i: "zq"})
+    a = write_report(tmp_path)
+    rec = a["recommendation"]
+    assert rec["variant"] is None and rec["kept"] == []
+    assert set(rec["undecided"]) == {"rtn-w4", "magnitude-2of4"}
+    assert "no verdict: no score to compare" in rec["text"] and "Ship" not in rec["text"]
+
+
 def test_a_variant_without_a_score_where_dense_has_one_is_not_kept(tmp_path):
     # fairness: dense answers every item, the variant answers nothing parsable, so its fairness is not scorable
     spec = {**BIG, "perspectives": ["fairness", "stereotype"]}

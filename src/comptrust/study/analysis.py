@@ -615,6 +615,8 @@ def recommend_noninferiority(spec: StudySpec, variants: dict[str, Any], dense_na
             rejected[v.name] = "; ".join(parts)
         elif open_:
             undecided[v.name] = {p: c["verdict"].get("more_items") for p, c in open_.items()}
+        elif not cells:  # no perspective gave a verdict (e.g. not scorable for dense too): nothing says it keeps
+            undecided[v.name] = {p: None for p in row["perspectives"]}
         else:
             kept.append((v.bits(), v.name))
     kept.sort()
@@ -628,8 +630,10 @@ def recommend_noninferiority(spec: StudySpec, variants: dict[str, Any], dense_na
             cells = variants[n]["perspectives"]
             if any(m is None for m in need.values()):
                 p = next(p for p, m in need.items() if m is None)
-                why = cells[p]["verdict"].get("reason") or ""
-                out.append(f"{n} ({p}: " + ("not scorable" if "not scorable" in why else
+                verdict = (cells.get(p) or {}).get("verdict")
+                why = (verdict or {}).get("reason") or ""
+                out.append(f"{n} ({p}: " + ("no verdict: no score to compare" if verdict is None else
+                                            "not scorable" if "not scorable" in why else
                                             "sits on the budget, more items may not decide it") + ")")
                 continue
             p = max(need, key=need.get)
@@ -673,7 +677,7 @@ def _limit_hint(spec: StudySpec, variants: dict[str, Any], undecided: dict[str, 
     factor = 1.0
     for name, need in undecided.items():
         for p, more in need.items():
-            n = variants[name]["perspectives"][p]["verdict"].get("n") or 0
+            n = (variants[name]["perspectives"][p].get("verdict") or {}).get("n") or 0
             if more and n:
                 factor = max(factor, (n + more) / n)
     return int(math.ceil(spec.limit * factor)) if factor > 1 else None
