@@ -141,7 +141,7 @@ def _print_adaptive(out: Path, doc: dict) -> None:
         t.add_row(n, p, str(v.get("verdict")), str(c["look"]), str(v.get("n")),
                   "" if v.get("delta") is None else f"{v['delta']:+.1f}",
                   "" if v.get("lcb") is None else f"{v['lcb']:+.1f}", ", ".join(c.get("flags") or []))
-    c = Console()
+    c = Console(width=None if sys.stdout.isatty() else 240)  # piped: whole cells, as _print_summary
     c.print(t)
     c.print(doc["recommendation"]["text"])
     c.print(f"rounds: {out / 'rounds'}  ·  {out / 'adaptive.json'}")
