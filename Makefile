@@ -13,7 +13,7 @@ demo:  ## install, then run the main job on the embedded model and the built-in 
 
 # pytest's exit 5 (it collected no test, e.g. a -k that matches nothing) is reported, not treated as a failure.
 test:  ## install (with test extras), then run the test suite; prints the time each part took
-	@t0=$$(date +%s); COMPTRUST_EXTRAS=",test,ray" bash scripts/setup.sh || exit $$?; \
+	@t0=$$(date +%s); COMPTRUST_EXTRAS=",test,ray,track" bash scripts/setup.sh || exit $$?; \
 	t1=$$(date +%s); echo "set-up: $$((t1 - t0)) s"; \
 	.venv/bin/ruff check src || exit $$?; .venv/bin/mypy || exit $$?; echo "lint (ruff) and types (mypy): clean"; \
 	.venv/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
