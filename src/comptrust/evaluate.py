@@ -245,7 +245,7 @@ def evaluate(
         if hasattr(engine, "on_step"):  # the HF engine reports decode steps inside a batch: the bar moves meanwhile
             engine.on_step = bar.step
         records: dict[str, list[Record]] = {}
-        score_opts: dict[str, EvalOptions] = {}  # a perspective's options for scoring, where it set its own
+        score_opts: dict[str, EvalOptions] = {}  # per perspective: its options for scoring (Perspective.start_scoring)
         try:
             for name, (p, ld, popts) in loaded.items():
                 n_items = len(ld.items)
@@ -271,7 +271,7 @@ def evaluate(
             stage(f"scoring {len(loaded)} perspective(s), with {CI_RESAMPLES}-resample bootstrap CIs")
         scores: dict[str, dict[str, Any]] = {}
         for name, (p, ld, popts) in loaded.items():
-            sopts = score_opts.get(name, popts)  # same public options; runtime helpers (a memoising scorer) added
+            sopts = score_opts[name]  # same public options; runtime helpers (a memoising scorer) added
             try:
                 sc = p.score(records[name], sopts, ld)
             except UsageError:

@@ -34,7 +34,7 @@ import numpy as np
 
 from comptrust.evaluate import check_out_dir, options_for
 from comptrust.results import StudyReport
-from comptrust.store import STORE_NAME, write_atomic
+from comptrust.store import STORE_NAME, write_atomic_many
 from comptrust.study.analysis import (
     KEEPS,
     LOSES,
@@ -187,7 +187,7 @@ def _write_report(out_dir: Path, spec: StudySpec, looks: list[dict[str, Any]], f
     """DIR/report.html, results.csv and results.json of the adaptive study, through the same renderer as a fixed
     study: each (variant, perspective) cell comes from the look that decided it (or its last look), dense's from
     the latest look of each perspective, plus the rounds (looks) section."""
-    from comptrust.report import ordered, render
+    from comptrust.report import ordered
     from comptrust.results import (
         AdaptiveLook,
         AdaptiveSummary,
@@ -198,6 +198,7 @@ def _write_report(out_dir: Path, spec: StudySpec, looks: list[dict[str, Any]], f
         VariantRow,
     )
     from comptrust.study.analysis import recommend_noninferiority, settings_of
+    from comptrust.study.runner import write_outputs
 
     if not latest:
         return None
@@ -241,9 +242,7 @@ def _write_report(out_dir: Path, spec: StudySpec, looks: list[dict[str, Any]], f
     result = StudyReport(header=run_header("results"), study=spec.to_dict(), settings=settings_of(spec),
                          perspectives=ordered(spec.perspectives), analysis=analysis, units=units,
                          provenance=Provenance.model_validate(prov), adaptive=summary)
-    for name, text in render(result).items():
-        write_atomic(out_dir / name, text)
-    return result
+    return write_outputs(out_dir, result)
 
 
 def generated(units: dict[str, dict[str, Any]]) -> int:
@@ -293,8 +292,8 @@ def _write(out_dir: Path, spec: StudySpec, settings: Settings, plans: dict[str, 
            "budget": spec.budget, "plans": plans, "looks": looks, "final": final,
            "still_open": sorted(f"{n}:{p}" for n, p in open_pairs), "generated": spent,
            "stopped_for_budget": stopped_for_budget, "recommendation": rec}
-    write_atomic(out_dir / ADAPTIVE_NAME, json.dumps(doc, indent=2, default=str))
-    write_atomic(out_dir / "adaptive.md", _markdown(doc))
+    write_atomic_many([(out_dir / ADAPTIVE_NAME, json.dumps(doc, indent=2, default=str)),
+                       (out_dir / "adaptive.md", _markdown(doc))])
     return doc
 
 

@@ -30,7 +30,7 @@ from comptrust.evaluate import check_out_dir, load_perspectives
 from comptrust.perspectives.base import EvalOptions
 from comptrust.progress import StudyProgress, work_of
 from comptrust.results import StudyReport
-from comptrust.store import STORE_NAME, Store, write_atomic
+from comptrust.store import STORE_NAME, Store, write_atomic, write_atomic_many
 
 # the plan (units, ids, fingerprints, the study's EvalConfig) lives in study/plan.py, the unit helpers the local
 # and the Ray executor share in study/units.py
@@ -114,8 +114,7 @@ def write_outputs(out_dir: Path, result: StudyReport | None = None) -> StudyRepo
     from comptrust.report import render
 
     result = result if result is not None else load_result(out_dir)
-    for name, text in render(result).items():
-        write_atomic(Path(out_dir) / name, text)
+    write_atomic_many([(Path(out_dir) / name, text) for name, text in render(result).items()])  # the three, or none
     return result
 
 
