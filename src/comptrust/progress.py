@@ -22,7 +22,6 @@ with every unit that finishes; failed units are counted as failed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping, Sequence, TextIO
@@ -334,7 +333,7 @@ def load_rates() -> dict[str, Any]:
     try:
         d = json.loads(_rates_path().read_text(encoding="utf-8"))
         return d if isinstance(d, dict) else {}
-    except (OSError, ValueError, Exception):  # a missing or damaged file is no prior, never a failure
+    except Exception:  # a missing or damaged file is no prior, never a failure
         return {}
 
 
@@ -347,10 +346,9 @@ def save_rate(key: str, kind: str, value: float, method: str | None = None) -> N
             entry.setdefault("compress", {})[method] = round(value, 2)
         else:
             entry["eval"] = round(value, 2)
-        path = _rates_path()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(rates, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        from comptrust.store import write_atomic
+
+        write_atomic(_rates_path(), json.dumps(rates, indent=1, sort_keys=True))
     except Exception:
         pass
 
