@@ -2,11 +2,10 @@
 .PHONY: demo test bench clean
 
 OUT ?= runs/demo
-# The suite's settings (pyproject.toml [tool.pytest.ini_options] holds the rest): two pytest-xdist workers, one per
-# core (tests/conftest.py gives each its share of the threads), each test module one xdist group so its module
-# fixtures are built once, longest modules first; --durations shows where the time went. One process:
-# `make test PYTEST_ARGS=-q`. Timings: bench/results/test_timing.md.
-PYTEST_ARGS ?= -q -n 2 --dist loadgroup --durations=25
+# The suite's settings (pyproject.toml [tool.pytest.ini_options] holds the rest). One process: with two
+# pytest-xdist workers (`make test PYTEST_ARGS="-q -n 2 --dist loadgroup"`) the study end-to-end tests failed on
+# this 2-core machine while they pass alone, and no gain was measured; --durations shows where the time went.
+PYTEST_ARGS ?= -q --durations=15
 
 demo:  ## install, then run the main job on the embedded model and the built-in mini suites
 	bash scripts/setup.sh
