@@ -75,6 +75,10 @@ def row(work, arch, path, n_prompts, secs, c, ps, lim, extra=None) -> dict:
                                c.get("decode_row_steps", 0), c.get("decode_kv_slots", 0))
     dec_roof = tp.roofline_seconds(ps, lim, 0, c.get("decode_steps", 0), c.get("decode_row_steps", 0),
                                    c.get("decode_kv_slots", 0))
+    args_ = (ps, lim, c.get("prefill_tokens", 0), c.get("decode_steps", 0), c.get("decode_row_steps", 0),
+             c.get("decode_kv_slots", 0))
+    roof_sum = tp.roofline_sum_seconds(*args_)
+    dec_sum = tp.roofline_sum_seconds(ps, lim, 0, *args_[3:])
     steps = c.get("decode_steps", 0)
     r = {
         "workload": work, "model": arch, "path": path, "prompts": n_prompts, "seconds": round(secs, 2),
@@ -88,12 +92,15 @@ def row(work, arch, path, n_prompts, secs, c, ps, lim, extra=None) -> dict:
         "kv_slots_read": int(c.get("decode_kv_slots", 0)), "kv_slots_unshared": int(c.get("decode_kv_slots_unshared", 0)),
         "roofline_seconds": round(roof, 3), "roofline_fraction": roof / secs if secs else 0.0,
         "decode_roofline_fraction": dec_roof / c["decode_seconds"] if c.get("decode_seconds") else None,
+        "roofline_sum_seconds": round(roof_sum, 3), "roofline_sum_fraction": roof_sum / secs if secs else 0.0,
+        "decode_roofline_sum_fraction": dec_sum / c["decode_seconds"] if c.get("decode_seconds") else None,
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else 0,
         **(extra or {}),
     }
     print(f"  {work} | {arch} | {path}: {n_prompts} prompts, {secs:.1f} s, {r['tok_per_s']:.0f} tok/s "
           f"(decode {r['decode_tok_per_s'] or 0:.0f}, prefill {r['prefill_tok_per_s'] or 0:.0f} tok/s), "
-          f"{100 * r['roofline_fraction']:.1f}% of roofline (decode {100 * (r['decode_roofline_fraction'] or 0):.1f}%), "
+          f"{100 * r['roofline_fraction']:.1f}% of roofline (decode {100 * (r['decode_roofline_fraction'] or 0):.1f}%; "
+          f"phases added: {100 * r['roofline_sum_fraction']:.1f}%, decode {100 * (r['decode_roofline_sum_fraction'] or 0):.1f}%), "
           f"mean rows {r['mean_decode_rows']}, {r['batches']} batches, peak GPU {r['peak_gpu_mib']} MiB", flush=True)
     return r
 
@@ -118,6 +125,14 @@ def profile_batch(eng, prompts, path: Path) -> None:
     path.write_text(head + "\n" + table + "\n")
     print(head)
     print("\n".join(table.splitlines()[:22]), flush=True)
+
+
+def set_fused(model, state: str) -> None:
+    """Fused elementwise decode kernels on or off for the next runs (the engine installs them at its next decode)."""
+    from comptrust.engine import triton_fused
+
+    os.environ["COMPTRUST_FUSED"] = "1" if state == "on" else "0"
+    triton_fused.uninstall(model)
 
 
 PHASES: dict[str, float] = {}  # seconds per part of the evaluate run being measured (see instrument())
@@ -185,6 +200,8 @@ def main() -> None:
                     "shared-prefix prefill off (the GPU default) and/or on")
     ap.add_argument("--cprofile", action="store_true", help="after each evaluate run, rerun it on its own results "
                     "folder (every generation a cache hit: what evaluate does beyond the engine) under cProfile")
+    ap.add_argument("--fused", default="on", help="comma list of off,on: tox25 and mix engine runs with the fused "
+                    "elementwise decode kernels (engine/triton_fused.py) off and/or on; evaluate runs use the last")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
@@ -211,7 +228,7 @@ def main() -> None:
         eng.generate([p for w in works for p in sets[w][:2]])
         free = torch.cuda.mem_get_info()[0] / 2**30 if args.device.startswith("cuda") else 0
         print(f"  warm-up {time.perf_counter() - t0:.1f} s; free GPU memory {free:.1f} GiB; (token budget, rows) for "
-              f"{works[0]}: {eng._limits(sets[works[0]][0].params)}", flush=True)
+              f"{works[0]}: {eng._limits(sets[works[0]][0].params)}; notes {eng.notes}", flush=True)
         sharing = [x.strip() == "on" for x in args.prefix_sharing.split(",") if x.strip()]
         for w in works:
             prompts = sets[w]
@@ -226,7 +243,13 @@ def main() -> None:
                 default = eng._limits(prompts[0].params)[0]
                 variants += [(f"engine, {float(f)} x token budget", None, int(float(f) * default))
                              for f in args.tox_budget_scales.split(",") if f]
-            for path, shared, budget in variants:
+            fused = [x.strip() for x in args.fused.split(",") if x.strip()]
+            if len(fused) > 1:
+                variants = [(p_ + f", fused {f_}", sh, bu, f_) for f_ in fused for p_, sh, bu in variants]
+            else:
+                variants = [(p_, sh, bu, fused[0]) for p_, sh, bu in variants]
+            for path, shared, budget, fz in variants:
+                set_fused(model, fz)
                 eng.prefix_sharing = shared == "share"
                 shared = None if shared == "share" else shared
                 eng.shared_decode, eng.token_budget = shared, budget
@@ -240,6 +263,7 @@ def main() -> None:
                 c = dict(eng.counters)
                 rows.append(row(w, arch, path, len(prompts), secs, c, ps, lim, {"token_budget": budget}))
             eng.shared_decode, eng.token_budget, eng.prefix_sharing = None, None, False
+            set_fused(model, [x.strip() for x in args.fused.split(",") if x.strip()][-1])
             if args.profile and w == "tox25":
                 profile_batch(eng, prompts, args.out_dir / f"profile_{arch}.txt")
             if args.no_evaluate:
@@ -295,14 +319,16 @@ def main() -> None:
     md = [f"# `comptrust evaluate` on {lim['device_name']}", "", f"`{doc['command']}`; torch {torch.__version__}; measured "
           f"{lim['bandwidth_measured'] / 1e9:.0f} GB/s, {lim['peak_flops_measured'] / 1e12:.0f} TFLOP/s bf16.", "",
           "| workload | model | path | prompts | s | new tokens | tok/s | decode tok/s | prefill tok/s | mean rows | "
-          "% roofline (run) | % roofline (decode) | K/V slots read / unshared | peak GPU MiB |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "% roofline (run) | % roofline (decode) | % roofline, phases added (run) | % roofline, phases added (decode) | "
+          "K/V slots read / unshared | peak GPU MiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kv = f"{r['kv_slots_read'] / max(r['kv_slots_unshared'], 1):.2f}" if r["kv_slots_unshared"] else "-"
         md.append(f"| {r['workload']} | {r['model']} | {r['path']} | {r['prompts']} | {r['seconds']} | {r['new_tokens']} | "
                   f"{r['tok_per_s']:.0f} | {r['decode_tok_per_s'] or 0:.0f} | {r['prefill_tok_per_s'] or 0:.0f} | "
                   f"{r['mean_decode_rows']} | {100 * r['roofline_fraction']:.1f} | "
-                  f"{100 * (r['decode_roofline_fraction'] or 0):.1f} | {kv} | {r['peak_gpu_mib']} |")
+                  f"{100 * (r['decode_roofline_fraction'] or 0):.1f} | {100 * r['roofline_sum_fraction']:.1f} | "
+                  f"{100 * (r['decode_roofline_sum_fraction'] or 0):.1f} | {kv} | {r['peak_gpu_mib']} |")
     phased = [r for r in rows if r.get("phases")]
     if phased:
         md += ["", "Where evaluate's time goes (s; score() is the main score, the bootstrap's 200 re-scorings are under "

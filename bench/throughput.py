@@ -227,6 +227,18 @@ def roofline_seconds(ps: dict, lim: dict, prefill_tokens: float, decode_steps: f
     return t_prefill + t_decode
 
 
+def roofline_sum_seconds(ps: dict, lim: dict, prefill_tokens: float, decode_steps: float, decode_row_steps: float,
+                         kv_slots: float = 0.0) -> float:
+    """The same work with the decode step's two phases added, not overlapped: its matmuls at the slower of
+    reading the weights and their FLOPs, then attention at the bandwidth of the K/V slots its rows see. They
+    run as separate kernels one after the other on one stream (compute-bound matmuls, bandwidth-bound
+    attention), so neither hides the other; roofline_seconds' max() of the step totals assumed they overlap."""
+    bw, peak = lim["bandwidth_measured"], lim["peak_flops_measured"]
+    t_prefill = ps["flops_per_token"] * prefill_tokens / peak
+    t_mm = max(decode_steps * ps["bytes_per_step"] / bw, decode_row_steps * ps["flops_per_token"] / peak)
+    return t_prefill + t_mm + kv_slots * ps["kv_bytes_per_token"] / bw
+
+
 class PeakRSS:
     """Peak resident memory of this process during a phase (sampled every 50 ms)."""
 

@@ -174,3 +174,44 @@ def test_gpu_batch_limits_follow_measured_free_memory(tiny, monkeypatch):
     assert r1 > 64 and abs(r2 / r1 - 2) < 0.01 and abs(b2 / b1 - 2) < 0.01
     monkeypatch.setattr(tiny, "batch_size", 64)
     assert tiny._limits(params)[1] == 64  # an explicit --batch-size still caps the rows
+
+
+def test_prefix_mask_is_stored_as_bytes_once():
+    """make_shared_prefix keeps the prompts' mask as one byte per slot (the Triton kernel's layout; it was cast per
+    layer and step), same visibility."""
+    pmask = torch.tensor([[False, True, True], [True, True, True]])
+    sp = make_shared_prefix([], [], pmask, [0, 0, 1], 1)
+    assert sp.mask.dtype == torch.uint8 and sp.mask.is_contiguous()
+    assert torch.equal(sp.mask.bool(), pmask)
+
+
+def test_bool_mask_viewed_as_bytes_without_a_copy():
+    from comptrust.engine.triton_attn import _as_mask_bytes
+
+    m = torch.zeros(4, 1, 1, 9, dtype=torch.bool)
+    m[:, 0, 0, 2:7] = True
+    rows = m[:, 0, -1, :8]
+    b = _as_mask_bytes(rows)
+    assert b.dtype == torch.uint8 and b.data_ptr() == rows.data_ptr() and torch.equal(b.bool(), rows)
+    assert torch.equal(_as_mask_bytes(rows.long()), b)
+
+
+def test_fused_kernels_off_the_gpu_and_checked_sources():
+    """On the CPU install() replaces nothing; the Llama / Mistral / Qwen2 forwards it replaces on a GPU are still the
+    source it was checked against (if transformers changes them, the fused path silently turns off: this says so)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama as ml
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    from comptrust.engine import triton_fused as tf
+
+    for m, norm, mlp in ((ml, ml.LlamaRMSNorm, ml.LlamaMLP), (mq, mq.Qwen2RMSNorm, mq.Qwen2MLP)):
+        assert tf._norm_src(norm.forward) == tf.RMSNORM_SRC
+        assert tf._norm_src(mlp.forward) == tf.MLP_SRC
+        assert tf._rope_body_of(getattr(m.apply_rotary_pos_emb, "__wrapped_original__", m.apply_rotary_pos_emb)) == tf.ROPE_BODY
+        assert tf._body(m.rotate_half) == tf.ROTATE_HALF_BODY
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    before = ml.apply_rotary_pos_emb
+    assert tf.install(model) == {"rms": 0, "mlp": 0, "rope": 0}
+    assert ml.apply_rotary_pos_emb is before and not any("forward" in mod.__dict__ for mod in model.modules())

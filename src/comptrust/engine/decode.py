@@ -141,6 +141,8 @@ def decode_static(eng: HFEngine, st: DecodeState, params: GenParams) -> list[lis
     s.ids = nxt[:, None].clone()
     s.step += 1
     eng.set_attn(eng.attn or ATTN_NAME)
+    if eng.on_cuda and eng.compile != "on":
+        fuse_elementwise(eng)
     model, top_k = decode_forward(eng), eng.top_k
     pad_t = torch.tensor(pad, dtype=torch.long, device=dev)
     if model is not eng.model:  # compiled: batch rows and cache width are dynamic from the first compile on
@@ -211,6 +213,21 @@ def decode_static(eng: HFEngine, st: DecodeState, params: GenParams) -> list[lis
     else:
         eng.counters["decode_kv_slots_unshared"] += int(s.kv_seen)
     return out_all.cpu().tolist()
+
+
+def fuse_elementwise(eng: HFEngine) -> None:
+    """The decode step's RMSNorm, rotary and SiLU * up as fused Triton kernels with the same bits
+    (engine/triton_fused.py), once per model; the engine's notes say what was fused."""
+    if getattr(eng.model, "_comptrust_fused", None) is not None:
+        return
+    from comptrust.engine import triton_fused
+
+    counts = triton_fused.install(eng.model)
+    eng.model._comptrust_fused = counts
+    if any(counts.values()):
+        checked = next(iter(triton_fused._CHECKED.values()), {})
+        eng.notes.append("decode step: fused kernels for " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+                         + f" (bit-identical on this GPU: {', '.join(k for k, v in checked.items() if v) or 'none'})")
 
 
 def prefix_counts(s: StaticStep) -> None:

@@ -73,6 +73,9 @@ def make_shared_prefix(keys: list, values: list, mask, group: Sequence[int], q_p
     n = len(group) // n_prompts if n_prompts and len(group) % n_prompts == 0 else 0
     uniform = n if n and group == [r // n for r in range(len(group))] else 0
     rpb = rows_per_block_for(q_per_kv)
+    if mask.dtype != torch.uint8:  # one byte per slot, once per batch (the Triton kernel reads bytes; was cast per layer)
+        mask = (mask != 0).to(torch.uint8)
+    mask = mask.contiguous()
     blocks = torch.tensor(row_blocks(group, rpb) or [(0, 0, 0)], dtype=torch.int32, device=dev)
     return SharedPrefix(keys=keys, values=values, mask=mask, group=torch.tensor(group, dtype=torch.long, device=dev),
                         uniform=uniform, blocks=blocks, rows_per_block=rpb, q_per_kv=q_per_kv)

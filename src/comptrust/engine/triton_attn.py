@@ -200,10 +200,8 @@ def decode_attention(q, k, v, mask, scale: float | None = None):
 
     Goes through a registered custom op, so torch.compile keeps it as one opaque call instead of breaking its
     graph at every layer."""
-    import torch
 
-    # one byte per slot, as a real cast: torch.compile's inductor cannot lower a bool -> uint8 bitcast
-    mask = (mask != 0).to(torch.uint8) if mask.dtype != torch.uint8 else mask
+    mask = _mask_bytes(mask)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _OP(q, k, v, mask, scale) if _OP is not None else _launch(q, k, v, mask, scale)
 
@@ -239,12 +237,22 @@ def _last_dim_dense(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _as_mask_bytes(mask):
-    """A [N, T] mask as one dense byte per slot (a real cast: torch.compile's inductor cannot lower a bool ->
-    uint8 bitcast)."""
+def _mask_bytes(mask):
+    """A mask as one byte per slot: a bool mask viewed as bytes in place (no kernel: this ran as two small kernels
+    per layer and step), other dtypes cast; under torch.compile a real cast (inductor cannot lower a bool -> uint8
+    bitcast)."""
     import torch
 
-    return _last_dim_dense((mask != 0).to(torch.uint8) if mask.dtype != torch.uint8 else mask)
+    if mask.dtype == torch.uint8:
+        return mask
+    if mask.dtype == torch.bool and not torch.compiler.is_compiling():
+        return mask.view(torch.uint8)
+    return (mask != 0).to(torch.uint8)
+
+
+def _as_mask_bytes(mask):
+    """A [N, T] mask as one dense byte per slot."""
+    return _last_dim_dense(_mask_bytes(mask))
 
 
 def _tuning(tune: list[int], d: int) -> tuple[int, int, int, int]:
