@@ -64,11 +64,12 @@ def main() -> None:
         prompts = [it.prompt for it in ld.items]
         gens = sum(pr.params.n for pr in prompts)
         new = sum(pr.params.n * pr.params.max_new_tokens for pr in prompts)
-        chars = sum(len(json.dumps([m.content for m in pr.messages] if pr.messages else pr.raw)) for pr in prompts)
+        lens = [len(json.dumps([m.content for m in pr.messages] if pr.messages else pr.raw)) for pr in prompts]
+        chars = sum(lens)
         rows.append((name, len(ld.items), len(prompts), gens, new, chars // 4))
         if args.floor_arch:
-            for pr in prompts:
-                plen = len(json.dumps([m.content for m in pr.messages] if pr.messages else pr.raw)) // 4
+            for pr, ln in zip(prompts, lens):
+                plen = ln // 4
                 n, m = pr.params.n, pr.params.max_new_tokens
                 # K/V slots read over the output: each row its own j generated slots at step j, the prompt's
                 # once per step for all n rows (shared-prefix decoding; n = 1: the row's own prompt)

@@ -224,8 +224,9 @@ def fuse_elementwise(eng: HFEngine) -> None:
 
     counts = triton_fused.install(eng.model)
     eng.model._comptrust_fused = counts
-    if any(counts.values()):
-        checked = next(iter(triton_fused._CHECKED.values()), {})
+    if any(counts.values()):  # install ran the self-check on the model's device: this reads its cached result
+        p = next(eng.model.parameters())
+        checked = triton_fused.self_check(p.device, p.dtype)
         eng.notes.append("decode step: fused kernels for " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
                          + f" (bit-identical on this GPU: {', '.join(k for k, v in checked.items() if v) or 'none'})")
 

@@ -293,8 +293,6 @@ def install(model) -> dict[str, int]:
     """Replace the forwards of model's RMSNorm and MLP modules (and its modeling module's rotary function) by the
     fused ones, where each is the checked Llama source and its kernel reproduces torch's bits on this device.
     Idempotent; returns how many modules of each kind were replaced (the engine notes it)."""
-    import torch
-
     counts = {"rms": 0, "mlp": 0, "rope": 0}
     if not enabled():
         return counts
@@ -333,7 +331,6 @@ def install(model) -> dict[str, int]:
                 m.__dict__["apply_rotary_pos_emb"] = _make_rope(orig)
             counts["rope"] += 1
         _FUSE["rope"] = counts["rope"] > 0
-    del torch
     return counts
 
 
