@@ -124,8 +124,8 @@ def compress(
         out: the checkpoint folder (new, or an earlier comptrust checkpoint, which is replaced).
         progress: called with one line per step (default: lines on stderr).
         **settings: CompressionConfig fields, named like ``comptrust compress``'s options: bits, group_size,
-            sparsity, structure, calibration, n_calib, seq_len, seed, awq_grid, actorder, recipe (an llm-compressor
-            recipe file).
+            sparsity, structure, calibration, n_calib, seq_len, calib_batch, seed, awq_grid, actorder, recipe (an
+            llm-compressor recipe file).
 
     Returns:
         A :class:`CompressResult`: the folder (a valid ``model=`` for :func:`evaluate`) and its record.

@@ -125,3 +125,28 @@ def test_bad_alpaca_record_names_file_and_line(tok, tmp_path, rec, needle):
     with pytest.raises(UsageError, match=needle) as e:
         load_calibration(str(f), tok, n=1, seq_len=32, seed=0)
     assert f"{f}:1" in str(e.value)
+
+
+def test_batched_set_is_the_unbatched_tokens_grouped_and_cut(tok):
+    """--calib-batch B: the same samples, longest first, each cut to its run of B's shortest (no padding)."""
+    one = load_calibration(None, tok, n=40, seq_len=512, seed=3)
+    b = load_calibration(None, tok, n=40, seq_len=512, seed=3, batch=8)
+    assert one.batch == 1 and b.batch == 8 and b.describe()["batch"] == 8
+    assert sorted(b.indices) == sorted(one.indices)
+    by_index = dict(zip(one.indices, one.input_ids))
+    for i, ids in zip(b.indices, b.input_ids):
+        assert ids == by_index[i][: len(ids)]  # a prefix of the sample: tails cut, nothing added
+    lens = [len(x) for x in b.input_ids]
+    runs = [lens[k : k + 8] for k in range(0, len(lens), 8)]
+    assert all(len(set(r)) == 1 for r in runs)  # every forward is rectangular
+    assert [r[0] for r in runs] == sorted((r[0] for r in runs), reverse=True)
+    assert b.meta["tokens_before_batching"] == one.n_tokens > b.n_tokens
+    # each run keeps its shortest sample whole
+    for k in range(0, len(lens), 8):
+        assert min(len(by_index[i]) for i in b.indices[k : k + 8]) == lens[k]
+
+
+def test_batch_of_one_changes_nothing(tok):
+    a = load_calibration(None, tok, n=16, seq_len=64, seed=0)
+    b = load_calibration(None, tok, n=16, seq_len=64, seed=0, batch=1)
+    assert a.input_ids == b.input_ids and a.indices == b.indices and "tokens_before_batching" not in b.meta

@@ -16,6 +16,8 @@ def test_defaults_per_method():
     assert CompressionConfig.build(method="magnitude", structure="1:4").sparsity == 0.75
     assert CompressionConfig.build(method="awq").awq_grid >= 1
     assert CompressionConfig.build(method="rtn").n_calib is None  # data-free
+    assert CompressionConfig.build(method="gptq").calib_batch == 16
+    assert CompressionConfig.build(method="rtn").calib_batch is None
 
 
 def test_roundtrip_json():
@@ -46,6 +48,8 @@ def test_roundtrip_json():
         (dict(method="rtn", calibration="x.jsonl"), "--calibration x.jsonl"),
         (dict(method="magnitude", n_calib=8), "--n-calib 8"),
         (dict(method="gptq", n_calib=0), "--n-calib 0"),
+        (dict(method="gptq", calib_batch=0), "--calib-batch 0"),
+        (dict(method="magnitude", calib_batch=4), "--calib-batch 4"),
         (dict(method="gptq", group_size=-1), "--group-size -1"),
         (dict(method="quantum"), "--method 'quantum'"),
     ],

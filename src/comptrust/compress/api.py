@@ -102,9 +102,11 @@ def compress(
     tokenizer = _load_tokenizer(source.path)
     calib = None
     if cfg.needs_calibration:
-        assert cfg.n_calib is not None and cfg.seq_len is not None
-        calib = load_calibration(cfg.calibration, tokenizer, cfg.n_calib, cfg.seq_len, cfg.seed)
-        say(f"calibration: {calib.n} samples, {calib.n_tokens} tokens from {calib.source}")
+        assert cfg.n_calib is not None and cfg.seq_len is not None and cfg.calib_batch is not None
+        calib = load_calibration(cfg.calibration, tokenizer, cfg.n_calib, cfg.seq_len, cfg.seed, cfg.calib_batch)
+        cut = calib.meta.get("tokens_before_batching", calib.n_tokens) - calib.n_tokens
+        say(f"calibration: {calib.n} samples, {calib.n_tokens} tokens from {calib.source}"
+            + (f" ({calib.batch} per forward; {cut} tail tokens cut to even the batches)" if calib.batch > 1 else ""))
 
     _remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))

@@ -12,6 +12,12 @@
 
 Sampling is deterministic: ``random.Random(seed)`` picks ``n`` distinct records (all of them when fewer exist),
 so the same seed gives the same calibration set and another seed a different one.
+
+Batching (``--calib-batch B``): llm-compressor runs every calibration forward one sample at a time by default;
+on the CPU those small forwards, repeated per layer (and per AWQ grid point), are most of a compression's time.
+With B > 1 the samples are sorted by length (longest first) and cut into batches of B, and each sample is
+truncated to its batch's shortest, so a batch is one rectangular forward with no padding: what the method sees
+is a subset of the real tokens, never a pad. The dropped tails are counted (``tokens_before_batching``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class CalibrationSet:
     n_available: int
     chat_template: bool  # whether conversations went through the tokenizer's chat template
     meta: dict[str, Any] = field(default_factory=dict)
+    batch: int = 1  # samples per calibration forward; with batch > 1 input_ids are grouped and cut (module doc)
 
     @property
     def n(self) -> int:
@@ -70,6 +77,7 @@ class CalibrationSet:
             "seq_len": self.seq_len,
             "tokens": self.n_tokens,
             "chat_template": self.chat_template,
+            "batch": self.batch,
             "sha256_token_ids": self.sha256(),
             **self.meta,
         }
@@ -213,10 +221,11 @@ def sample_indices(n_available: int, n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(n_available), min(n, n_available))
 
 
-def load_calibration(spec: str | None, tokenizer: Any, n: int, seq_len: int, seed: int) -> CalibrationSet:
+def load_calibration(spec: str | None, tokenizer: Any, n: int, seq_len: int, seed: int,
+                     batch: int = 1) -> CalibrationSet:
     source, kind, records = _source(spec)
     idx = sample_indices(len(records), n, seed)
-    texts, ids, templated = [], [], []
+    texts, ids, templated, kept = [], [], [], []
     for i in idx:
         text, t = render(records[i], tokenizer)
         # a chat template already contains the special tokens; plain text gets the tokenizer's usual ones
@@ -226,16 +235,39 @@ def load_calibration(spec: str | None, tokenizer: Any, n: int, seq_len: int, see
         texts.append(text)
         ids.append(list(enc))
         templated.append(t)
+        kept.append(i)
     if not ids:
         raise UsageError(f"--calibration {source}: no sample produced any tokens")
+    meta: dict[str, Any] = {}
+    if batch > 1:
+        before = sum(len(x) for x in ids)
+        order = batch_order([len(x) for x in ids], batch)
+        kept, texts = [kept[j] for j, _ in order], [texts[j] for j, _ in order]
+        ids = [ids[j][:cut] for j, cut in order]
+        meta["tokens_before_batching"] = before
     return CalibrationSet(
         source=source,
         kind=kind,
-        indices=idx,
+        indices=kept,
         texts=texts,
         input_ids=ids,
         seq_len=seq_len,
         seed=seed,
         n_available=len(records),
         chat_template=any(templated),
+        meta=meta,
+        batch=batch,
     )
+
+
+def batch_order(lengths: Sequence[int], batch: int) -> list[tuple[int, int]]:
+    """(sample, tokens kept) in feeding order: longest first (ties by position), in runs of `batch` samples cut
+    to the run's shortest. llm-compressor's length-aware sampler then forms these same runs (equal lengths sort
+    together), and its truncating collator has nothing left to cut."""
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    out: list[tuple[int, int]] = []
+    for k in range(0, len(order), batch):
+        run = order[k : k + batch]
+        cut = min(lengths[j] for j in run)
+        out += [(j, cut) for j in run]
+    return out

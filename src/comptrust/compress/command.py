@@ -9,6 +9,7 @@ import typer
 
 from comptrust.compress.config import (
     DEFAULT_AWQ_GRID,
+    DEFAULT_CALIB_BATCH,
     DEFAULT_GROUP_SIZE,
     DEFAULT_N_CALIB,
     DEFAULT_SEQ_LEN,
@@ -86,6 +87,7 @@ def compress_command(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration data: omit for the built-in set; a .jsonl file ({\"messages\": [...]} or {\"text\": ...} per line); a text file (blank lines separate samples); or a Hub dataset id org/name[:split]."),
     n_calib: Optional[int] = typer.Option(None, "--n-calib", help=f"Calibration samples drawn (default {DEFAULT_N_CALIB}; all when the set is smaller)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Max tokens per calibration sample (default {DEFAULT_SEQ_LEN})."),
+    calib_batch: Optional[int] = typer.Option(None, "--calib-batch", help=f"Calibration samples per forward (default {DEFAULT_CALIB_BATCH}; 1 = one at a time, llm-compressor's default). Samples are grouped by length and cut to their batch's shortest, never padded."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling the calibration set; same seed, same checkpoint."),
     awq_grid: Optional[int] = typer.Option(None, "--awq-grid", help=f"AWQ grid points searched per layer group (default {DEFAULT_AWQ_GRID}; llm-compressor's own default is 20, about 1.5x slower). awq only."),
 ) -> None:
@@ -112,6 +114,7 @@ def compress_command(
         calibration=calibration,
         n_calib=n_calib,
         seq_len=seq_len,
+        calib_batch=calib_batch,
         seed=seed,
         awq_grid=awq_grid,
     )

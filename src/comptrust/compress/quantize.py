@@ -89,6 +89,8 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, calib: CalibrationSet |
             num_calibration_samples=calib.n,
             max_seq_length=calib.seq_len,
             shuffle_calibration_samples=False,
+            # batches already cut to equal lengths (calibration.batch_order): the truncating collator cuts nothing
+            batch_size=calib.batch,
         )
     with create_session() as session:
         oneshot(model=model, processor=tokenizer, recipe=recipe, **kwargs)

@@ -69,6 +69,7 @@ VARIANT_KEYS = {
     "calibration": "calibration data (default: the built-in set)",
     "n_calib": "calibration samples",
     "seq_len": "max tokens per calibration sample",
+    "calib_batch": "calibration samples per forward (default 16; 1 = llm-compressor's one at a time)",
     "awq_grid": "AWQ grid points",
     "seeds": "calibration seeds, e.g. [0, 1, 2] (default [0])",
     "actorder": "gptq: activation ordering, group (AutoGPTQ's desc_act, as in the paper) or weight (default: off)",
