@@ -2,10 +2,11 @@
 .PHONY: demo test bench clean
 
 OUT ?= runs/demo
-# The suite's settings (pyproject.toml [tool.pytest.ini_options] holds the rest). One process: with two
-# pytest-xdist workers (`make test PYTEST_ARGS="-q -n 2 --dist loadgroup"`) the study end-to-end tests failed on
-# this 2-core machine while they pass alone, and no gain was measured; --durations shows where the time went.
-PYTEST_ARGS ?= -q --durations=15
+# The suite's settings (pyproject.toml [tool.pytest.ini_options] holds the rest). Two pytest-xdist workers, one
+# test module per worker (loadscope keeps a module's shared fixtures, e.g. a study built once, on one worker;
+# loadgroup does not group under pytest 9.2 + xdist 3.8). From nothing on 2 cores: suite 828 s, 1,013 s with
+# set-up (bench/results/test_timing.md). PYTEST_ARGS=-q runs one process; --durations shows where the time went.
+PYTEST_ARGS ?= -q -n 2 --dist loadscope --durations=25
 
 demo:  ## install, then run the main job on the embedded model and the built-in mini suites
 	bash scripts/setup.sh

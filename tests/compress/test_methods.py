@@ -121,9 +121,12 @@ def _layer0_inputs(model_dir: Path, calib) -> dict[str, torch.Tensor]:
 def test_gptq_beats_round_to_nearest_on_calibration_inputs(tiny, made):
     from transformers import AutoTokenizer
 
-    gptq, _ = made(tiny, method="gptq", bits=3)
+    gptq, rec = made(tiny, method="gptq", bits=3)
     rtn, _ = made(tiny, method="rtn", bits=3)
-    calib = load_calibration(None, AutoTokenizer.from_pretrained(str(tiny)), n=16, seq_len=64, seed=0)
+    # the inputs GPTQ saw: the same samples, batched (grouped and cut) as its record says
+    calib = load_calibration(None, AutoTokenizer.from_pretrained(str(tiny)), n=16, seq_len=64, seed=0,
+                             batch=rec["calibration"]["batch"])
+    assert calib.sha256() == rec["calibration"]["sha256_token_ids"]
     xs = _layer0_inputs(tiny, calib)
     dense = {n: m.weight for n, m in decoder_linears(load_model(tiny)).items()}
     wg = {n: m.weight for n, m in decoder_linears(load_model(gptq)).items()}
