@@ -9,11 +9,26 @@ SiLU(gate) * up. Here: RMSNorm 3 (square, torch's own mean, one tail kernel), ro
 
 Bit-for-bit: every kernel does the unfused ops' float32 arithmetic in the same order and rounds to the model dtype
 where they round (the cross-row sum of RMSNorm stays torch's own reduction, whose order a kernel could not
-match). install() checks each kernel against the module it replaces on this machine (SiLU over every bf16 value,
-RMSNorm and rotary on random rows) and fuses only what came out identical; so a GPU, driver or torch build whose
-exp or rsqrt rounds differently keeps the unfused path. Only the Llama forwards whose source is the one checked
-here are replaced (Mistral and Qwen2 copy them); anything else, the CPU, and shapes other than one-token decode
-steps (prefill) run the original code. COMPTRUST_FUSED=0 turns it off.
+match). Two of Triton's compiler defaults break that, so every kernel here is compiled without them
+(LAUNCH_OPTIONS):
+- enable_fp_fusion lets LLVM contract a multiply and an add into one fma. transformers' rotary is
+  `(q * cos) + (rotate_half(q) * sin)`, separate torch kernels, each product rounded to bf16 before the add. LLVM
+  narrows bf16(float(a) * float(b)) to a bf16 multiply (exact: the same rounding), then fuses that multiply with
+  the add into `fma.rn.bf16`, which skips the product's rounding: on an H200 (Triton 3.6) 15,479 of 65,536 rotary
+  outputs (64 rows x 8 heads x 128) differed from torch's (15,798 in fp16). With fusion off the PTX has no fma:
+  float32 products, each rounded to the dtype, then the add.
+- enable_reflect_ftz links libdevice's flush-to-zero variants: div_rn becomes `div.rn.ftz.f32`, which flushes a
+  subnormal quotient to zero, where torch's SiLU, x / (1 + exp(-x)), keeps it: on the H200 508 of the 65,280
+  finite bf16 inputs came out 0 instead of about x / 2 (the 252 nonzero subnormal ones and the 256 normal ones
+  whose silu is subnormal: |x| < 2.4e-38). fp16 has no such input (its subnormals are normal float32 numbers),
+  which is why SiLU passed in fp16. With ftz off the division is IEEE (`div.rn.f32`) as in torch's kernel, and
+  every finite bf16 and fp16 input then gives torch's bits.
+A Triton that lacks one of these options gets the others; a kernel that then rounds differently fails the
+self-check and stays unused: install() checks each kernel against the module it replaces on this machine (SiLU
+over every 16-bit value, RMSNorm and rotary on random rows) and fuses only what came out identical; so a GPU,
+driver or torch build whose exp or rsqrt rounds differently keeps the unfused path. Only the Llama forwards whose
+source is the one checked here are replaced (Mistral and Qwen2 copy them); anything else, the CPU, and shapes
+other than one-token decode steps (prefill) run the original code. COMPTRUST_FUSED=0 turns it off.
 """
 
 from __future__ import annotations
@@ -46,6 +61,22 @@ def _find_libdevice() -> Any:
 
 
 _libdevice: Any = _find_libdevice() if triton is not None else None
+
+
+def launch_options(known=None) -> dict[str, bool]:
+    """Compile options that keep each op's own rounding (module docstring): no fma contraction, libdevice without
+    flush-to-zero; only those this Triton's CUDA backend knows (`known`: its option names, read from it if None)."""
+    if known is None:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+
+            known = set(CUDAOptions.__dataclass_fields__)
+        except Exception:  # pragma: no cover - no CUDA backend: nothing is launched anyway
+            known = set()
+    return {k: False for k in ("enable_fp_fusion", "enable_reflect_ftz") if k in known}
+
+
+LAUNCH_OPTIONS: dict[str, bool] = launch_options() if triton is not None else {}
 
 
 def enabled() -> bool:
@@ -168,10 +199,11 @@ def rms_norm(x, weight, eps: float):
     n = x.shape[-1]
     sq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     total = x.numel()
-    _square_kernel[(triton.cdiv(total, 1024),)](x, sq, total, BLOCK=1024)
+    _square_kernel[(triton.cdiv(total, 1024),)](x, sq, total, BLOCK=1024, **LAUNCH_OPTIONS)
     var = sq.mean(-1, keepdim=True)  # torch's own reduction: the same order as the unfused module's
     out = torch.empty_like(x)
-    _rms_tail_kernel[(total // n,)](x, var, weight, out, float(eps), n, BLOCK=min(1024, triton.next_power_of_2(n)))
+    _rms_tail_kernel[(total // n,)](x, var, weight, out, float(eps), n, BLOCK=min(1024, triton.next_power_of_2(n)),
+                                   **LAUNCH_OPTIONS)
     return out
 
 
@@ -180,7 +212,7 @@ def silu_mul(g, u):
 
     out = torch.empty_like(g)
     n = g.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024)
+    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, **LAUNCH_OPTIONS)
     return out
 
 
@@ -193,7 +225,7 @@ def rope_one(x, cos, sin):
     half = d // 2
     scb = cos.stride(0) if cos.shape[0] == b else 0
     _rope_kernel[(b, h)](x, cos, sin, out, x.stride(0), x.stride(1), scb, h, HALF=half,
-                         BH=max(16, triton.next_power_of_2(half)))
+                         BH=max(16, triton.next_power_of_2(half)), **LAUNCH_OPTIONS)
     return out
 
 
