@@ -184,3 +184,20 @@ def test_recipe_variant_key(tmp_path):
     assert ":3: variants[1]: recipe makes no sense with method gptq" in msg
     msg = _err(tmp_path, "variants:\n  - dense\n  - {method: recipe}\n")
     assert ":3: variants[1]: method recipe needs recipe FILE" in msg
+
+
+def test_variant_fingerprint_hashes_the_resolved_config(monkeypatch):
+    """A unit's fingerprint follows what the compression would run with: writing out a default gives the same
+    unit, and changing a default (here the calibration batch) makes units stored under the old one stale."""
+    from comptrust.compress import config as cc
+    from comptrust.study.spec import Variant
+
+    implicit = Variant("gptq-w4", "gptq", {"bits": 4})
+    explicit = Variant("gptq-w4", "gptq", {"bits": 4, "group_size": cc.DEFAULT_GROUP_SIZE,
+                                           "calib_batch": cc.DEFAULT_CALIB_BATCH})
+    assert implicit.fingerprint(0) == explicit.fingerprint(0)
+    assert implicit.fingerprint(0) != implicit.fingerprint(1)
+    before = implicit.fingerprint(0)
+    monkeypatch.setattr(cc, "DEFAULT_CALIB_BATCH", cc.DEFAULT_CALIB_BATCH * 2)
+    assert implicit.fingerprint(0) != before
+    assert explicit.fingerprint(0) == before  # the written-out setting did not change

@@ -155,10 +155,16 @@ class Variant:
 
     def fingerprint(self, seed: int) -> str:
         """Changes whenever a setting that changes the checkpoint changes: a stored unit with another
-        fingerprint is stale and redone."""
-        settings = self.settings
-        if "recipe_sha256" in settings:  # a recipe is known by its content, not by where the file lies
-            settings = {k: v for k, v in settings.items() if k != "recipe"}
+        fingerprint is stale and redone. Hashed is the resolved CompressionConfig (defaults filled in), not what
+        the study file wrote: when a default changes (say --calib-batch's), resuming an older --out redoes its
+        units instead of keeping checkpoints made under the old default. gguf variants have no
+        CompressionConfig; their settings are hashed as written."""
+        if self.is_gguf or self.is_dense:
+            settings: dict[str, Any] = dict(self.settings)
+        else:
+            settings = self.config(seed).model_dump(mode="json", exclude={"method", "seed"})
+        if settings.get("recipe_sha256"):  # a recipe is known by its content, not by where the file lies
+            settings.pop("recipe", None)
         body = json.dumps({"method": self.method, "settings": settings, "seed": seed}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
