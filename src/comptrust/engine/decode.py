@@ -39,6 +39,10 @@ def decode_compact(eng: HFEngine, st: DecodeState, params: GenParams) -> list[li
     eos = torch.tensor(eng.eos_ids, dtype=torch.long, device=eng.device)
     outs: list[list[int]] = [[] for _ in range(rows)]
     alive = torch.arange(rows, device=eng.device)
+    if eng.kv_in_place:  # each step writes its K/V into preallocated room instead of torch.cat (engine/kvcache.py)
+        from comptrust.engine.kvcache import give_room
+
+        give_room(cache, params.max_new_tokens)
     # one-token decode steps: SDPA reading grouped KV heads in place. On the CPU (SmolLM2, bf16, 2 threads,
     # 64-128 rows, 300-1000 cached tokens) 1.4-1.6x faster than eager attention and 2.9-3.8x faster than
     # transformers' SDPA, which copies K and V per query head whenever a mask is given

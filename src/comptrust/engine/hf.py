@@ -165,6 +165,9 @@ class HFEngine:
             else prefix_sharing
         self.cuda_graphs = cuda_graphs
         self.shared_decode = shared_decode
+        # compact loop: K/V written in place into preallocated room (engine/kvcache.py) instead of transformers'
+        # torch.cat per step; False restores the cat (same outputs, a benchmark and test switch)
+        self.kv_in_place = True
         self.compile = compile or os.environ.get("COMPTRUST_COMPILE", "auto")
         if self.compile not in COMPILE_MODES:
             what = "compile setting" if compile else "COMPTRUST_COMPILE"
