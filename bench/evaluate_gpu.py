@@ -127,6 +127,172 @@ def profile_batch(eng, prompts, path: Path) -> None:
     print("\n".join(table.splitlines()[:22]), flush=True)
 
 
+PREFILL_PERSPECTIVES = ("toxicity", "stereotype", "advglue", "ood", "adv_demo", "privacy", "ethics", "fairness", "mmlu")
+
+
+def prefill_prompts(name: str, limit: int | None, args) -> list:
+    """One perspective's full-profile prompts, `limit` items per sub-scenario (None: all)."""
+    opts = EvalOptions(data_dir=args.data_dir.resolve(), profile="full", limit=limit, mmlu_dir=args.mmlu_dir.resolve())
+    loaded, not_run = load_perspectives([name], opts)
+    if not_run:
+        raise SystemExit(f"{name}: not run: {not_run}")
+    return [it.prompt for _, (_, ld, _) in loaded.items() for it in ld.items]
+
+
+def prefill_only(eng, prompts) -> dict:
+    """The engine's prefill alone, batch by batch as HFEngine.generate plans it (same parameter groups, token
+    budget, prefix clusters, the prefill variant its decode loop would get); the DecodeState is dropped. Returns
+    the seconds, the prompt tokens, the tokens actually computed and the forwards."""
+    from collections import defaultdict
+
+    from comptrust.engine.planning import plan_batches
+    from comptrust.engine.prefill import prefill
+
+    eng.model  # noqa: B018
+    if eng.prefix_sharing is None:
+        eng.prefix_sharing = True
+    enc = [eng.encode(p) for p in prompts]
+    groups: dict = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p.params].append(i)
+    before = dict(eng.counters)
+    secs, batches = 0.0, 0
+    for params, idx in groups.items():
+        budget, rows = eng._limits(params)
+        share = eng.prefix_sharing and eng._plain
+        shared = eng._shared_decode_for(params)
+        plan = plan_batches([enc[i] for i in idx], params.n, params.max_new_tokens, budget, rows, share,
+                            shared_decode=shared)
+        for b in plan:
+            seqs = [enc[idx[j]] for j in b]
+            eng._sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                state = prefill(eng, seqs, params, static=True, shared=shared)
+            eng._sync()
+            secs += time.perf_counter() - t0
+            batches += 1
+            del state
+    d = {k: eng.counters.get(k, 0) - before.get(k, 0) for k in ("prefill_tokens", "prefill_slots", "prefill_forwards")}
+    return {"seconds": secs, "prompt_tokens": sum(len(e) for e in enc), "computed_tokens": int(d["prefill_tokens"]),
+            "padded_slots": int(d["prefill_slots"]), "forwards": int(d["prefill_forwards"]), "batches": batches,
+            "prompts": len(prompts)}
+
+
+PREFILL_KNOBS = ("CUDA_PREFILL_SLOTS", "CUDA_PREFILL_NEW", "CUDA_PREFILL_WASTE")
+
+
+def set_prefill_knobs(cfg: dict) -> None:
+    """slots=N (cached slots per forward), new=N|None, waste=F: engine/prefill.py's CUDA_PREFILL_*."""
+    import comptrust.engine.prefill as pf
+
+    for k, v in cfg.items():
+        setattr(pf, {"slots": "CUDA_PREFILL_SLOTS", "new": "CUDA_PREFILL_NEW", "waste": "CUDA_PREFILL_WASTE"}.get(k, k), v)
+
+
+def check_greedy(eng, args) -> dict:
+    """Greedy outputs of the few-shot perspectives (prefix sharing on): the default CUDA prefill forwards twice
+    (run-to-run control) and the larger forwards of --check-greedy-config once; how many outputs are identical."""
+    import comptrust.engine.prefill as pf
+
+    names = ("mmlu", "ood", "adv_demo", "advglue", "ethics")
+    prompts = [p for nm in names for p in prefill_prompts(nm, args.check_greedy, args) if p.params.greedy]
+    saved = {k: getattr(pf, k) for k in PREFILL_KNOBS}
+    cfg = {}
+    for kv in filter(None, args.check_greedy_config.split(",")):
+        k, _, v = kv.partition("=")
+        cfg[k] = None if v == "none" else (float(v) if "." in v else int(v))
+    eng.prefix_sharing = True
+    outs = {}
+    for label, c in (("default", {}), ("default again", {}), (args.check_greedy_config, cfg)):
+        for k, v in saved.items():
+            setattr(pf, k, v)
+        set_prefill_knobs(c)
+        outs[label] = eng.generate(prompts)
+    for k, v in saved.items():
+        setattr(pf, k, v)
+    eng.prefix_sharing = None
+    same = {lb: sum(a.texts == b.texts for a, b in zip(outs["default"], o)) for lb, o in outs.items() if lb != "default"}
+    r = {"prompts": len(prompts), "identical_to_default": same, "perspectives": list(names), "limit": args.check_greedy}
+    print(f"  greedy check: outputs identical to the default CUDA prefill forwards' of {len(prompts)}: {same}",
+          flush=True)
+    return r
+
+
+def prefill_bench(eng, ps, lim, args, arch: str) -> list[dict]:
+    """--prefill-only: each perspective's prefill with prefix sharing off and on and under each --prefill-config
+    (CUDA forward sizes, engine/prefill.py's CUDA_PREFILL_*), at the measured matmul rate's share."""
+    import comptrust.engine.prefill as pf
+
+    limits = {k: (int(v) if v not in ("all", "") else None) for k, _, v in
+              (x.partition("=") for x in args.prefill_limits.split(",") if x)}
+    names = [x.strip() for x in args.prefill_only.split(",") if x.strip()]
+    configs = [("default", {})]
+    for spec in filter(None, (x.strip() for x in args.prefill_configs.split(";"))):
+        cfg = {}
+        for kv in spec.split(","):
+            k, _, v = kv.partition("=")
+            cfg[k.strip()] = None if v.strip() == "none" else (float(v) if "." in v else int(v))
+        configs.append((spec, cfg))
+    sharing = [x.strip() == "on" for x in args.prefill_sharing.split(",") if x.strip()]
+    defaults = {k: getattr(pf, k) for k in PREFILL_KNOBS}
+    # prefill keeps the last token's logits only: the output head's FLOPs are left out per token
+    flops_tok = ps["flops_per_token"] - 2 * eng.model.get_output_embeddings().weight.numel()
+    out = []
+    for name in names:
+        prompts = prefill_prompts(name, limits.get(name), args)
+        for label, cfg in configs:
+            for k, v in defaults.items():
+                setattr(pf, k, v)
+            set_prefill_knobs(cfg)
+            for share in (sharing if label == "default" else sharing[-1:]):  # extra settings: the last only
+                eng.prefix_sharing = share
+                try:
+                    r = prefill_only(eng, prompts)
+                except Exception as e:
+                    print(f"  prefill {name} {label} sharing {share}: failed: {type(e).__name__}: {str(e)[:200]}",
+                          flush=True)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                cuda = torch.cuda.is_available()
+                r.update(perspective=name, model=arch, config=label, prefix_sharing=share, limit=limits.get(name),
+                         peak_gpu_mib=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else 0)
+                r["prompt_tok_per_s"] = r["prompt_tokens"] / r["seconds"]
+                r["computed_tok_per_s"] = r["computed_tokens"] / r["seconds"]
+                r["saved"] = 1 - r["computed_tokens"] / max(r["prompt_tokens"], 1)
+                r["pad_share"] = 1 - r["computed_tokens"] / max(r["padded_slots"], 1)
+                # matmul share: computed (incl. padding) slots x matmul FLOPs per token at the measured rate
+                r["matmul_fraction"] = r["padded_slots"] * flops_tok / lim["peak_flops_measured"] / r["seconds"]
+                out.append(r)
+                (args.out_dir / f"prefill_partial{args.tag}.json").write_text(json.dumps(out, indent=1))
+                print(f"  prefill | {name} | {label} | sharing {'on' if share else 'off'}: {r['prompts']} prompts, "
+                      f"{r['prompt_tokens']} tok ({r['saved']:.2f} saved, pad {r['pad_share']:.2f}), "
+                      f"{r['seconds']:.2f} s, {r['prompt_tok_per_s']:.0f} prompt tok/s, {r['computed_tok_per_s']:.0f} "
+                      f"computed tok/s, {r['forwards']} forwards / {r['batches']} batches, matmul "
+                      f"{100 * r['matmul_fraction']:.1f}% of measured, peak {r['peak_gpu_mib']} MiB", flush=True)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+    for k, v in defaults.items():
+        setattr(pf, k, v)
+    eng.prefix_sharing = None
+    return out
+
+
+def prefill_profile(eng, name: str, limit: int, args, path: Path) -> None:
+    """CUDA time per kernel of one perspective's prefill (prefix sharing as set), under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = prefill_prompts(name, limit, args)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        r = prefill_only(eng, prompts)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    head = f"prefill of {name} (limit {limit}, prefix sharing {eng.prefix_sharing}): {r}"
+    path.write_text(head + "\n" + table + "\n")
+    print(head)
+    print("\n".join(table.splitlines()[:36]), flush=True)
+
+
 def set_fused(model, state: str) -> None:
     """Fused elementwise decode kernels on or off for the next runs (the engine installs them at its next decode)."""
     from comptrust.engine import triton_fused
@@ -202,6 +368,17 @@ def main() -> None:
                     "folder (every generation a cache hit: what evaluate does beyond the engine) under cProfile")
     ap.add_argument("--fused", default="on", help="comma list of off,on: tox25 and mix engine runs with the fused "
                     "elementwise decode kernels (engine/triton_fused.py) off and/or on; evaluate runs use the last")
+    ap.add_argument("--prefill-only", default="", help="comma list of perspectives (full profile): time their "
+                    "prefill alone, batch by batch as generate plans it, instead of the workloads")
+    ap.add_argument("--prefill-limits", default="", help="name=items per sub-scenario,... for --prefill-only")
+    ap.add_argument("--prefill-sharing", default="off,on", help="--prefill-only: prefix sharing off and/or on")
+    ap.add_argument("--prefill-configs", default="", help="--prefill-only: ';'-separated extra CUDA prefill settings, "
+                    "each slots=N,new=N|none,waste=F (engine/prefill.py CUDA_PREFILL_*), beside the defaults")
+    ap.add_argument("--check-greedy", type=int, default=0, help="items per sub-scenario: compare greedy outputs "
+                    "of mmlu, ood, adv_demo, advglue, ethics: the default CUDA prefill forwards twice, then "
+                    "--check-greedy-config")
+    ap.add_argument("--check-greedy-config", default="slots=32768,new=16384", help="CUDA prefill setting compared")
+    ap.add_argument("--prefill-profile", default="", help="name=limit: profile that perspective's shared prefill")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
@@ -216,6 +393,8 @@ def main() -> None:
     works = [w.strip() for w in args.workloads.split(",") if w.strip()]
     sets = {w: prompts_of(w, args) for w in works}
     rows: list[dict] = []
+    prefill_rows_: list[dict] = []
+    greedy_checks: list[dict] = []
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
         t0 = time.time()
         rm, model = tp.random_llama7b(args.tokenizer, args.device, tiny=args.tiny, arch=arch)
@@ -225,10 +404,21 @@ def main() -> None:
         eng = HFEngine(rm, device=args.device, preloaded=model, ignore_eos=True,
                        loop="static" if args.tiny else "auto")
         t0 = time.perf_counter()  # warm-up: Triton kernels, graph capture, allocator (printed, not counted)
-        eng.generate([p for w in works for p in sets[w][:2]])
+        warm = [p for w in works for p in sets[w][:2]] or prefill_prompts("mmlu", 1, args)[:8]
+        eng.generate(warm)
         free = torch.cuda.mem_get_info()[0] / 2**30 if args.device.startswith("cuda") else 0
         print(f"  warm-up {time.perf_counter() - t0:.1f} s; free GPU memory {free:.1f} GiB; (token budget, rows) for "
-              f"{works[0]}: {eng._limits(sets[works[0]][0].params)}; notes {eng.notes}", flush=True)
+              f"{works[0] if works else 'mmlu'}: {eng._limits(warm[0].params)}; notes {eng.notes}", flush=True)
+        if args.check_greedy:
+            greedy_checks.append(check_greedy(eng, args))
+        if args.prefill_only:
+            set_fused(model, "on")
+            prefill_rows_.extend(prefill_bench(eng, ps, lim, args, arch))
+            if args.prefill_profile:
+                name, _, limit = args.prefill_profile.partition("=")
+                eng.prefix_sharing = True
+                prefill_profile(eng, name, int(limit), args, args.out_dir / f"profile_prefill_{name}_{arch}.txt")
+                eng.prefix_sharing = None
         sharing = [x.strip() == "on" for x in args.prefix_sharing.split(",") if x.strip()]
         for w in works:
             prompts = sets[w]
@@ -311,6 +501,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     doc = {"device": lim["device_name"], "limits": lim, "torch": torch.__version__, "rows": rows,
+           "prefill_rows": prefill_rows_, "greedy_checks": greedy_checks,
            "command": " ".join(sys.argv),
            "vllm": "not measured: the device image has no vLLM, and vLLM 0.33's wheel plus the CUDA torch 2.14 build it "
                    "pins are several hundred MiB, far over the 64 MiB a device call can carry"}
@@ -329,6 +520,20 @@ def main() -> None:
                   f"{r['mean_decode_rows']} | {100 * r['roofline_fraction']:.1f} | "
                   f"{100 * (r['decode_roofline_fraction'] or 0):.1f} | {100 * r['roofline_sum_fraction']:.1f} | "
                   f"{100 * (r['decode_roofline_sum_fraction'] or 0):.1f} | {kv} | {r['peak_gpu_mib']} |")
+    if prefill_rows_:
+        md += ["", "Prefill alone (--prefill-only; full-profile prompts, --prefill-limits items per sub-scenario; "
+               "matmul % = computed slots incl. padding x matmul FLOPs per token / measured matmul rate):", "",
+               "| perspective | model | CUDA prefill setting | prefix sharing | prompts | prompt tokens | computed | saved | "
+               "pad share | forwards | s | prompt tok/s | computed tok/s | matmul % | peak GPU MiB |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in prefill_rows_:
+            md.append(f"| {r['perspective']} | {r['model']} | {r['config']} | {'on' if r['prefix_sharing'] else 'off'} | "
+                      f"{r['prompts']} | {r['prompt_tokens']} | {r['computed_tokens']} | {r['saved']:.2f} | "
+                      f"{r['pad_share']:.2f} | {r['forwards']} | {r['seconds']:.2f} | {r['prompt_tok_per_s']:.0f} | "
+                      f"{r['computed_tok_per_s']:.0f} | {100 * r['matmul_fraction']:.1f} | {r['peak_gpu_mib']} |")
+    for g in greedy_checks:
+        md += ["", f"Greedy outputs identical to the default CUDA prefill forwards' ({', '.join(g['perspectives'])}, "
+               f"{g['limit']} per sub-scenario, prefix sharing on), of {g['prompts']}: {g['identical_to_default']}."]
     phased = [r for r in rows if r.get("phases")]
     if phased:
         md += ["", "Where evaluate's time goes (s; score() is the main score, the bootstrap's 200 re-scorings are under "

@@ -318,3 +318,15 @@ def test_static_loop_with_cuda_graphs_matches_generate():
     assert e.counters["graph_captures"] >= 2 and not e.notes
     assert [g.texts for g in out["static"][0]] == [g.texts for g in out["hf"][0]] == [g.texts for g in out["compact"][0]]
     assert out["static"][1] == out["compact"][1]
+
+
+def test_prefill_groups_bound_new_tokens_apart_from_context():
+    # rows continuing a long shared prefix: the cached-slot bound counts the context, the new-token bound does not
+    ctx, toks = [500] * 40, [100] * 40
+    small = prefill_groups(ctx, toks, max_tokens=6_000, max_waste=0.5)
+    assert all(len(g) * 600 <= 6_000 for g in small) and len(small) == 4
+    big = prefill_groups(ctx, toks, max_tokens=60_000, max_waste=0.5, max_new=2_000)
+    assert sorted(i for g in big for i in g) == list(range(40))
+    assert all(len(g) * 100 <= 2_000 for g in big) and len(big) == 2
+    # without max_new the grouping is what it was
+    assert prefill_groups(ctx, toks, 6_000, 0.5, None) == small

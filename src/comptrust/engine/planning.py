@@ -135,9 +135,13 @@ def plan_batches(
     return batches
 
 
-def prefill_groups(ctx_lens: Sequence[int], tok_lens: Sequence[int], max_tokens: int, max_waste: float) -> list[list[int]]:
+def prefill_groups(ctx_lens: Sequence[int], tok_lens: Sequence[int], max_tokens: int, max_waste: float,
+                   max_new: int | None = None) -> list[list[int]]:
     """Sub-batches for one prefill forward each: similar new-token counts (padding is computed like real
-    tokens, so at most max_waste of a sub-batch's new-token slots are padding), at most max_tokens slots."""
+    tokens, so at most max_waste of a sub-batch's new-token slots are padding), at most max_tokens slots
+    (rows x (context + new tokens): the forward's KV cache) and, if given, at most max_new new-token slots
+    (rows x new tokens: what the matmuls compute; without it the context counts against max_tokens alone, so
+    rows continuing a long shared prefix get small forwards)."""
     order = sorted(range(len(tok_lens)), key=lambda i: (-tok_lens[i], -ctx_lens[i], i))
     out: list[list[int]] = []
     cur: list[int] = []
@@ -148,7 +152,7 @@ def prefill_groups(ctx_lens: Sequence[int], tok_lens: Sequence[int], max_tokens:
             wc = max(max(ctx_lens[j] for j in cur), ctx_lens[i])
             rows = len(cur) + 1
             waste = 1 - (real + tok_lens[i]) / (rows * ws)
-            if rows * (ws + wc) > max_tokens or waste > max_waste:
+            if rows * (ws + wc) > max_tokens or waste > max_waste or (max_new is not None and rows * ws > max_new):
                 out.append(cur)
                 cur, real = [], 0
         cur.append(i)

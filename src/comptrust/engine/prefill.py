@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 # dest_for(layer, like_k, like_v) -> (K, V): where a layer's prefilled K/V rows are written
 DestFor = Callable[[int, Any, Any], tuple[Any, Any]]
 
+# Prefill forwards on CUDA (planning.prefill_groups): at most CUDA_PREFILL_SLOTS cached slots (rows x (context +
+# new tokens): the forward's own KV cache), at most CUDA_PREFILL_NEW new-token slots (what the matmuls compute;
+# None: no bound of its own) and CUDA_PREFILL_WASTE of the new-token slots padding. The CPU keeps 8,192 slots and
+# 20% padding. Larger forwards for rows continuing a shared prefix (32,768 slots, 16,384 new tokens) were
+# measured on an H200 (bench/results/evaluate_gpu_h200_13b_prefill*.md): faster only where they ran after the
+# defaults, slower in a same-process A/B, and they change greedy outputs (185 of 363 identical; other matmul
+# shapes, other bf16 roundings), so the defaults stay; bench/evaluate_gpu.py --prefill-configs sets these.
+CUDA_PREFILL_SLOTS = 16_384
+CUDA_PREFILL_NEW: int | None = None
+CUDA_PREFILL_WASTE = 0.5
+
 
 @dataclass
 class DecodeState:
@@ -180,8 +191,11 @@ def forward_rows(eng: HFEngine, ctx: list, toks: list[list[int]], keep: bool = F
     on_cuda = eng.on_cuda
     ctx_lens = [0 if c is None else c[0][0].shape[1] for c in ctx]
     tok_lens = [len(t) for t in toks]
-    max_tokens = 16_384 if on_cuda else 8_192  # slots per prefill forward (its KV and activations are extra memory)
-    groups = prefill_groups(ctx_lens, tok_lens, max_tokens, 0.5 if on_cuda else 0.2)
+    # slots per prefill forward (its KV and activations are extra memory)
+    if on_cuda:
+        groups = prefill_groups(ctx_lens, tok_lens, CUDA_PREFILL_SLOTS, CUDA_PREFILL_WASTE, CUDA_PREFILL_NEW)
+    else:
+        groups = prefill_groups(ctx_lens, tok_lens, 8_192, 0.2)
     pieces: list = [None] * len(toks)
     logits_out = None
     pad = eng.tok.pad_token_id
