@@ -8,10 +8,9 @@ whose parsed agree/disagree/refusal label matches fp32, and the share of identic
 
 from __future__ import annotations
 
-import os
 
 # before torch is imported (comptrust sets the same default): spin-waiting OpenMP threads slow a shared CPU ~30x
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import comptrust  # noqa: E402,F401 -- before torch: sets OpenMP's waiting (see comptrust/__init__.py)
 
 import argparse
 import sys

@@ -10,10 +10,9 @@ sizes 1, 8 and 32. Prints a table and, last, the speed-up of the best comptrust 
 
 from __future__ import annotations
 
-import os
 
 # before torch is imported (comptrust sets the same default): spin-waiting OpenMP threads slow a shared CPU ~30x
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import comptrust  # noqa: E402,F401 -- before torch: sets OpenMP's waiting (see comptrust/__init__.py)
 
 import argparse
 import json

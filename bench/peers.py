@@ -20,9 +20,8 @@ the work). On a CPU without native bf16 comptrust runs in float32 and the hf-bf1
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting threads slow a shared CPU ~30x
+import comptrust  # noqa: E402,F401 -- before torch: sets OpenMP's waiting (see comptrust/__init__.py)
 
 import argparse
 import json

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 
 # before torch is imported: spin-waiting OpenMP threads slow a shared CPU ~30x
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import comptrust  # noqa: E402,F401 -- before torch: sets OpenMP's waiting (see comptrust/__init__.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse

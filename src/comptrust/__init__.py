@@ -29,10 +29,15 @@ import sys as _sys
 import types as _types
 from typing import Any as _Any
 
-# With OpenMP's default spin-waiting, two processes sharing a small CPU slow each other down ~30x (measured here:
-# 66 s vs 2.6 s for the same 3 prompts while another torch job ran). Passive waiting costs little when alone.
-# Must be set before torch is imported; a value the user set wins.
+# OpenMP's waiting between parallel regions (torch's CPU ops; both must be set before torch is imported, and a value
+# the user set wins). Spinning without end, two processes sharing a small CPU slow each other down ~30x (measured
+# here: 66 s vs 2.6 s for the same 3 prompts while another torch job ran); sleeping at once (PASSIVE) pays a thread
+# wake-up at every op, and a decode step runs hundreds of small ops. A short spin first (GOMP_SPINCOUNT, libgomp's,
+# which torch's Linux wheels use; it overrides the policy's spin) is the middle: 32 stereotype prompts x 32 tokens on
+# the embedded model, 2 threads, alone 5.93 s passive -> 3.89 s at 2,000 (3.48 s at 6,000, 3.17 s at 300,000),
+# two such processes at once 5.96 s passive -> 6.9 s at 2,000 (8.4 s at 6,000, 56 s at 300,000); bench/results/omp_wait.md.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 # public name -> "module:attribute", imported on first access
 _LAZY = {
