@@ -328,3 +328,27 @@ def test_torch_loggers_go_to_the_log_even_when_torch_is_first_imported_in_the_bl
     assert r.returncode == 0, r.stderr
     assert "is_fx_tracing" not in r.stderr
     assert "is_fx_tracing" in log.read_text()
+
+
+def test_llm_compressor_lines_reach_the_log_once_per_line_across_compressions(tmp_path):
+    # with llm-compressor's own file switches a study's log held each line 2-3 times (a JSON sink on import, one
+    # more DEBUG sink per oneshot call); a fresh interpreter, so llm-compressor is first imported in the block
+    import subprocess
+    import sys
+
+    log = tmp_path / "comptrust.log"
+    code = ("import sys\nfrom pathlib import Path\nfrom comptrust.logs import third_party_to_log, attach_loguru\n"
+            "with third_party_to_log(Path(sys.argv[1])):\n"
+            "    import llmcompressor\n"
+            "    from loguru import logger\n"
+            "    for i in range(3):  # three compressions in one study\n"
+            "        attach_loguru()\n"
+            "        logger.info(f'calibrating layer {i}')\n"
+            "        logger.debug('a debug line')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "calibrating" not in r.stdout + r.stderr
+    text = log.read_text()
+    for i in range(3):
+        assert text.count(f"calibrating layer {i}") == 1, text
+    assert "a debug line" not in text and '"record"' not in text

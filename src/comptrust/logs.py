@@ -6,7 +6,7 @@ compression between comptrust's own lines, which buried the progress a person pl
 
 * the ``transformers`` / ``huggingface_hub`` / ``accelerate`` / ``datasets`` / ``torch`` loggers write to ``path``
   and not to stderr; transformers' own progress bars are off;
-* llm-compressor's loguru logger writes to ``path`` (when llm-compressor is imported in the block);
+* llm-compressor's loguru logger writes to ``path``, each line once (attach_loguru() after importing it);
 * ``warnings.warn`` from third-party code is written to ``path``; comptrust's own warnings still reach stderr;
 * tqdm bars created in the block are disabled (and TQDM_DISABLE=1 is set for processes it starts).
 
@@ -22,7 +22,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 LOGGERS = ("transformers", "huggingface_hub", "accelerate", "datasets", "torch", "llmcompressor",
            "compressed_tensors", "urllib3")
@@ -146,23 +146,45 @@ def _transformers_bars(enabled: bool) -> bool | None:
     return before
 
 
-_LLMC_ENV = ("LLM_COMPRESSOR_LOG_LEVEL", "LLM_COMPRESSOR_LOG_FILE", "LLM_COMPRESSOR_LOG_FILE_LEVEL")
+# llm-compressor's own log switches. Only its console level is set (to "", no console sink): with
+# LLM_COMPRESSOR_LOG_FILE set it adds a JSON sink on import and one more DEBUG sink at every oneshot() call (never
+# removed), so a study's log held each line two or three times and more with every compression.
+_LLMC_ENV = ("LLM_COMPRESSOR_LOG_LEVEL",)
 _saved_env: list[dict] = []
+_blocks: list[dict[str, Any]] = []  # the open third_party_to_log blocks: their path and loguru sink id
 
 
 def _loguru_to(path: Path) -> int | None:
-    """llm-compressor logs through loguru to stdout. Before it is imported, its own environment switches send it
-    to `path` only (it reads them when it configures itself, on import); once imported, its sinks are replaced by
-    one writing to `path`."""
+    """llm-compressor logs through loguru to stdout. Before it is imported, its console switch is turned off (it
+    reads it when it configures itself, on import, and then removes every sink); once imported, its sinks are
+    replaced by one writing to `path`. attach_loguru() re-adds that sink after llm-compressor's import."""
     _saved_env.append({k: os.environ.get(k) for k in _LLMC_ENV})
-    os.environ.update({"LLM_COMPRESSOR_LOG_LEVEL": "", "LLM_COMPRESSOR_LOG_FILE": str(path),
-                       "LLM_COMPRESSOR_LOG_FILE_LEVEL": "INFO"})
+    os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = ""
+    block: dict[str, Any] = {"path": path, "sink": None}
+    _blocks.append(block)
     if "loguru" not in sys.modules:
         return None
     from loguru import logger
 
     logger.remove()
-    return logger.add(str(path), level="INFO", catch=True, delay=True)
+    block["sink"] = logger.add(str(path), level="INFO", catch=True, delay=True)
+    return block["sink"]
+
+
+def attach_loguru() -> None:
+    """Inside third_party_to_log: make sure loguru writes to the block's log file exactly once. Call it after
+    importing llm-compressor, whose import removes every loguru sink (compress/quantize.py does, before oneshot)."""
+    if not _blocks or "loguru" not in sys.modules:
+        return
+    from loguru import logger
+
+    block = _blocks[-1]
+    if block["sink"] is not None:
+        try:
+            logger.remove(block["sink"])
+        except ValueError:  # llm-compressor's import removed it
+            pass
+    block["sink"] = logger.add(str(block["path"]), level="INFO", catch=True, delay=True)
 
 
 def _loguru_restore(sink_id: int | None) -> None:
@@ -171,12 +193,13 @@ def _loguru_restore(sink_id: int | None) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    if sink_id is None:
+    block = _blocks.pop() if _blocks else {"sink": sink_id}
+    if block["sink"] is None:
         return
     from loguru import logger
 
     try:
-        logger.remove(sink_id)
+        logger.remove(block["sink"])
     except ValueError:
         pass
     logger.add(sys.stderr, level="INFO")

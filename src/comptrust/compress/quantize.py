@@ -27,6 +27,7 @@ import torch
 
 from comptrust.compress.calibration import CalibrationSet
 from comptrust.compress.checks import decoder_linears
+from comptrust.logs import attach_loguru
 
 if TYPE_CHECKING:
     from comptrust.compress.config import CompressionConfig
@@ -75,6 +76,8 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, calib: CalibrationSet |
     _quiet_llmcompressor()
     from llmcompressor import oneshot
     from llmcompressor.core import create_session
+
+    attach_loguru()  # llm-compressor's import removed every loguru sink: its lines go to the run's log again
 
     kwargs: dict[str, Any] = {}
     if calib is not None:
