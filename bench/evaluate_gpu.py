@@ -10,7 +10,8 @@ Workloads (items built by comptrust's own loaders from the data folder):
   mix    stereotype + AdvGLUE + MMLU at the lite profile (n = 1; 150 / 16 / 16 new tokens): bench/throughput.py's mix.
 --prefix-sharing off,on runs the engine and evaluate paths with shared-prefix prefill off and on; --cprofile reruns
 each evaluate on its own results folder (all cache hits) under cProfile; evaluate's phases (cached generate, score(),
-bootstrap CIs) are timed from outside and tabled.
+bootstrap CIs) are timed from outside and tabled. --compile off,on,on runs the engine under each torch.compile
+setting of the decode step in turn (the first 'on' pays the compile); --compare-outputs compares the runs' texts.
 Paths: "engine" = HFEngine.generate on the workload's prompts (shared-prefix decoding on, the default; for tox25 also
 "engine, unshared" with one K/V copy per row), "evaluate" = comptrust.evaluate.evaluate() into a fresh results
 folder, i.e. what `comptrust evaluate` runs after loading the model (random weights are built in memory, so the CLI's
@@ -301,6 +302,69 @@ def set_fused(model, state: str) -> None:
     triton_fused.uninstall(model)
 
 
+def set_compile(eng, mode: str) -> None:
+    """HFEngine.compile for the next runs; a compiled decode forward, once built, is kept for later 'on' runs
+    (so only the first pays the compile)."""
+    saved = getattr(eng, "_bench_compiled", None)
+    if eng._decode_fwd is not None and eng._decode_fwd is not getattr(eng, "_model", None):
+        eng._bench_compiled = saved = eng._decode_fwd
+    eng.compile = mode
+    eng._decode_fwd = saved if mode == "on" and saved is not None else None
+
+
+def compare_texts(eng, a: list, b: list) -> dict:
+    """Two runs' outputs (per prompt, its n texts): samples with identical text, and per sample the share of
+    tokens (the texts re-tokenized) that agree from the start, over the shorter; mean and the first-token share."""
+    same = total = first = 0
+    shares = []
+    for ta, tb in zip(a, b):
+        for x, y in zip(ta, tb):
+            total += 1
+            if x == y:
+                same += 1
+                shares.append(1.0)
+                first += 1
+                continue
+            ia = eng.tok.encode(x, add_special_tokens=False)
+            ib = eng.tok.encode(y, add_special_tokens=False)
+            k = 0
+            while k < min(len(ia), len(ib)) and ia[k] == ib[k]:
+                k += 1
+            shares.append(k / max(min(len(ia), len(ib)), 1))
+            first += k > 0
+    return {"samples": total, "identical": same, "mean_prefix_share": round(sum(shares) / max(len(shares), 1), 3),
+            "first_token_same": first}
+
+
+def greedy_compile_check(eng, model, prompts, comp: list, work: str, arch: str) -> dict:
+    """The prompts greedy (n = 1, 64 new tokens): eager shared default, eager with the Triton decode attention
+    off (SDPA, as the compiled step uses), and compiled; outputs compared pairwise."""
+    import dataclasses
+
+    from comptrust.engine import attention
+
+    gp = [dataclasses.replace(p, params=dataclasses.replace(p.params, n=1, temperature=0.0, max_new_tokens=64))
+          for p in prompts]
+    outs = {}
+    for label, cm, attn in (("eager", "off", "auto"), ("eager, SDPA decode attention, fused off", "off", "sdpa"),
+                            ("compiled", "on", "auto")):
+        if cm == "on" and "on" not in comp:
+            continue
+        set_compile(eng, cm)
+        set_fused(model, "off" if attn == "sdpa" else "on")
+        attention.DECODE_ATTN = attn
+        eng.counters.clear()
+        gens, secs = timed(lambda: eng.generate(gp))
+        outs[label] = [g.texts for g in gens]
+        print(f"  greedy {label}: {len(gp)} prompts, {secs:.2f} s", flush=True)
+    attention.DECODE_ATTN = "auto"
+    set_fused(model, "on")
+    names = list(outs)
+    pairs = {f"{a} | {b}": compare_texts(eng, outs[a], outs[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    print(f"  greedy pairs: {pairs}", flush=True)
+    return {"workload": work, "model": arch, "kind": f"greedy, {len(gp)} prompts, 64 new tokens", "pairs": pairs}
+
+
 PHASES: dict[str, float] = {}  # seconds per part of the evaluate run being measured (see instrument())
 
 
@@ -379,6 +443,15 @@ def main() -> None:
                     "--check-greedy-config")
     ap.add_argument("--check-greedy-config", default="slots=32768,new=16384", help="CUDA prefill setting compared")
     ap.add_argument("--prefill-profile", default="", help="name=limit: profile that perspective's shared prefill")
+    ap.add_argument("--compile", default="", help="comma list of off/on, in order (e.g. off,on,on): the engine runs "
+                    "once under each torch.compile setting of the static decode step (HFEngine.compile); the first "
+                    "'on' run pays the compile, a later one is the steady rate; with --compare-outputs, each run's "
+                    "texts are compared with the first run's")
+    ap.add_argument("--compare-outputs", action="store_true", help="compare every engine run's texts of a "
+                    "workload with its first run's: identical samples and tokens agreeing from the start")
+    ap.add_argument("--greedy-compile", type=int, default=0, help="N: after the workload runs, N of its prompts "
+                    "greedy (n = 1, 64 new tokens): eager, eager with SDPA decode attention and fused kernels off (the "
+                    "compiled step's ops), and compiled where --compile has 'on'; outputs compared pairwise")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda")
@@ -395,6 +468,7 @@ def main() -> None:
     rows: list[dict] = []
     prefill_rows_: list[dict] = []
     greedy_checks: list[dict] = []
+    output_checks: list[dict] = []
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
         t0 = time.time()
         rm, model = tp.random_llama7b(args.tokenizer, args.device, tiny=args.tiny, arch=arch)
@@ -438,12 +512,22 @@ def main() -> None:
                 variants = [(p_ + f", fused {f_}", sh, bu, f_) for f_ in fused for p_, sh, bu in variants]
             else:
                 variants = [(p_, sh, bu, fused[0]) for p_, sh, bu in variants]
-            for path, shared, budget, fz in variants:
+            comp = [x.strip() for x in args.compile.split(",") if x.strip()]
+            if comp:  # under compile the step keeps one K/V copy per row anyway: no separate unshared run
+                variants = [(p_ + f", compile {c_}", sh, bu, fz, c_) for i_, c_ in enumerate(comp)
+                            for p_, sh, bu, fz in variants if not (c_ == "on" and sh is False)]
+            else:
+                variants = [v_ + (None,) for v_ in variants]
+            texts: dict[str, list] = {}
+            for path, shared, budget, fz, cm in variants:
+                if cm is not None:
+                    set_compile(eng, cm)
                 set_fused(model, fz)
                 eng.prefix_sharing = shared == "share"
                 shared = None if shared == "share" else shared
                 eng.shared_decode, eng.token_budget = shared, budget
                 eng.counters.clear()
+                limits = eng._limits(prompts[0].params)  # (token budget, rows) this run's batches are planned with
                 try:
                     gens, secs = timed(lambda: eng.generate(prompts))
                 except Exception as e:  # e.g. out of memory at a larger budget: say so, go on
@@ -451,7 +535,21 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     continue
                 c = dict(eng.counters)
-                rows.append(row(w, arch, path, len(prompts), secs, c, ps, lim, {"token_budget": budget}))
+                ex = {"token_budget": budget, "compile": cm, "notes": list(eng.notes), "limits": limits}
+                if args.compare_outputs:
+                    label = path if path not in texts else f"{path} ({sum(k.startswith(path) for k in texts) + 1})"
+                    texts[label] = [g.texts for g in gens]
+                    ex["outputs_vs_first"] = compare_texts(eng, next(iter(texts.values())), texts[label])
+                    print(f"    outputs vs the first run's: {ex['outputs_vs_first']}", flush=True)
+                rows.append(row(w, arch, path, len(prompts), secs, c, ps, lim, ex))
+            if args.compare_outputs and len(texts) > 2:  # every pair, for the controls
+                pairs = {f"{a} | {b}": compare_texts(eng, texts[a], texts[b]) for i_, a in enumerate(texts)
+                         for b in list(texts)[i_ + 1:]}
+                output_checks.append({"workload": w, "model": arch, "pairs": pairs})
+            if args.greedy_compile and comp:
+                output_checks.append(greedy_compile_check(eng, model, prompts[:args.greedy_compile], comp, w, arch))
+            if comp:
+                set_compile(eng, "auto")
             eng.shared_decode, eng.token_budget, eng.prefix_sharing = None, None, False
             set_fused(model, [x.strip() for x in args.fused.split(",") if x.strip()][-1])
             if args.profile and w == "tox25":
@@ -501,7 +599,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     doc = {"device": lim["device_name"], "limits": lim, "torch": torch.__version__, "rows": rows,
-           "prefill_rows": prefill_rows_, "greedy_checks": greedy_checks,
+           "prefill_rows": prefill_rows_, "greedy_checks": greedy_checks, "output_checks": output_checks,
            "command": " ".join(sys.argv),
            "vllm": "not measured: the device image has no vLLM, and vLLM 0.33's wheel plus the CUDA torch 2.14 build it "
                    "pins are several hundred MiB, far over the 64 MiB a device call can carry"}
@@ -534,6 +632,14 @@ def main() -> None:
     for g in greedy_checks:
         md += ["", f"Greedy outputs identical to the default CUDA prefill forwards' ({', '.join(g['perspectives'])}, "
                f"{g['limit']} per sub-scenario, prefix sharing on), of {g['prompts']}: {g['identical_to_default']}."]
+    comp_rows = [r for r in rows if r.get("outputs_vs_first")]
+    if comp_rows:
+        md += ["", "Outputs of each engine run against the workload's first run (samples with identical text; "
+               "tokens agreeing from the start, re-tokenized texts, mean share of the shorter):", ""]
+        md += [f"- {r['workload']} | {r['path']}: {r['outputs_vs_first']}" for r in comp_rows]
+    for oc in output_checks:
+        md += ["", f"Output pairs, {oc['workload']} ({oc.get('kind', 'engine runs')}):", ""]
+        md += [f"- {k}: {v}" for k, v in oc["pairs"].items()]
     phased = [r for r in rows if r.get("phases")]
     if phased:
         md += ["", "Where evaluate's time goes (s; score() is the main score, the bootstrap's 200 re-scorings are under "

@@ -50,8 +50,14 @@ LOOPS = ("auto", "compact", "static", "hf")
 # rotary embedding, activation and residual adds that otherwise run as ~900 small kernels per Llama-2-7B step
 # (12.3 -> 9.3 ms at 64 rows on an H100). Measured end to end on an H100: 7B at 64 rows x 160+128 tokens 4,137 ->
 # 5,130 tok/s, 13B 2,582 -> 3,031, the 7B DecodingTrust mix 15.5 -> 13.3 s; each costs ~1 minute of compiling
-# first (one compile with dynamic batch and cache sizes, see init_static_layer), so "auto" (the default) leaves
-# it off: it pays for full-profile runs, not for mini suites.
+# first (one compile with dynamic batch and cache sizes, see init_static_layer). Those figures predate the fused
+# Triton kernels and shared-prefix decoding, which the compiled step does without (one K/V copy per row, SDPA
+# attention, no fused kernels: _shared_decode_for, fuse_elementwise). On an H200, 13B random Llama-2, toxicity
+# n = 25 x 150 tokens (72 prompts, bench/results/evaluate_gpu_h200_13b_compile*.md), eager 12,620-13,126 decode
+# tok/s (450 rows a batch), compiled 8,687-9,054 (257 rows: the per-row K/V copies fill the token budget), plus
+# 57-88 s of compiling; and two compiled runs of the same prompts did not give the same samples (eager: identical).
+# So "auto" (the default) leaves it off, for every workload size: compiling never pays where the n = 25
+# perspectives, most of a full profile's decode, lose shared-prefix decoding.
 COMPILE_MODES = ("auto", "on", "off")
 
 CPU_TOKEN_BUDGET = 48_000
