@@ -131,6 +131,27 @@ def test_study_failed_units_are_not_done(clock, tmp_path, monkeypatch):
     assert sp.eval_done == [(1000.0, 2.0)]  # a failed unit's time is not a rate
 
 
+def test_units_finishing_out_of_plan_order_keep_their_own_rates(clock, tmp_path, monkeypatch):
+    """Worker processes finish units out of plan order: each result is booked to its own model's units (a fast
+    magnitude pruning must not become AWQ's stored rate), and with 2 units side by side the time left halves."""
+    monkeypatch.setenv("COMPTRUST_HOME", str(tmp_path / "home"))
+    rows = [{"kind": "compress", "variant": v, "instance": f"{v}@s0", "perspective": None} for v in ("awq", "mag")]
+    rows += [{"kind": "eval", "variant": v, "instance": i, "perspective": "ethics"}
+             for v, i in (("dense", "dense"), ("awq", "awq@s0"), ("mag", "mag@s0"))]
+    sp = StudyProgress(5, 0, rows, work={"ethics": 1000.0}, methods={"awq": "awq", "mag": "magnitude"}, key="k",
+                       stream=io.StringIO(), parallel=2)
+    sp.finished("compress", 1, 10.0, instance="mag@s0")  # magnitude first, though AWQ comes first in the plan
+    assert sp.compress_done == {"magnitude": [10.0]}
+    assert [r["instance"] for r in sp.queue["compress"]] == ["awq@s0"]
+    sp.finished("eval", 1, 4.0, instance="mag@s0")
+    assert [r["instance"] for r in sp.queue["eval"]] == ["dense", "awq@s0"]
+    left, _ = sp.estimate()  # two evaluations at 250 work/s and AWQ's built-in seconds, two at a time
+    assert left == pytest.approx((2 * 4.0 + progress.DEFAULT_COMPRESS_S["awq"]) / 2)
+    sp.blocked(1, instance="awq@s0")
+    assert [r["instance"] for r in sp.queue["eval"]] == ["dense"]
+    assert progress.load_rates()["k"]["compress"] == {"magnitude": 10.0}
+
+
 def test_damaged_rates_file_is_no_prior(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPTRUST_HOME", str(tmp_path))
     (tmp_path / progress.RATES_FILE).write_text("{not json")

@@ -168,7 +168,7 @@ def run_study(
     progress: bool | None = None,
     executor: str = "local",
     ray_address: str | None = None,
-    workers: int | None = None,
+    workers: int | None = 1,
     models_dir: str | Path | None = None,
 ) -> StudyResult:
     """Run (or resume) a study: compress each variant, evaluate every model, compare with dense, write the report.
@@ -178,8 +178,12 @@ def run_study(
             perspectives, variants, budget, ...), or None for the default study.
         out: the study folder (rerun with the same one to resume: done units are skipped).
         progress: progress bars (default: when stderr is a terminal).
-        executor: "local" (units one after another here) or "ray".
-        ray_address, workers, models_dir: as ``comptrust study``'s --ray-address, --workers, --models-dir.
+        executor: "local" (units on this machine) or "ray".
+        workers: with "local", worker processes running units side by side: 1 (the default here) runs them one
+            after another in this process; None picks as ``comptrust study`` does (one per core on a CPU where the
+            memory holds them). Workers start by "spawn", so a script that passes None or N > 1 needs the
+            usual ``if __name__ == "__main__":`` guard. With "ray", the size of the local Ray cluster in CPUs.
+        ray_address, models_dir: as ``comptrust study``'s --ray-address, --models-dir.
 
     Returns:
         The :class:`StudyResult` (``.to_pandas()`` for a long-form table, ``.recommendation``).

@@ -171,6 +171,11 @@ def _loguru_to(path: Path) -> int | None:
     return block["sink"]
 
 
+def current_log() -> Path | None:
+    """The file of the innermost open third_party_to_log block (worker processes a study starts log there too)."""
+    return Path(_blocks[-1]["path"]) if _blocks else None
+
+
 def attach_loguru() -> None:
     """Inside third_party_to_log: make sure loguru writes to the block's log file exactly once. Call it after
     importing llm-compressor, whose import removes every loguru sink (compress/quantize.py does, before oneshot)."""

@@ -363,14 +363,18 @@ class StudyProgress:
     todo: the plan's rows of units still to run, in execution order ({"kind": "compress"|"eval", "perspective",
     "variant", ...}); work: estimated cost per perspective (work_of of its prompts); methods: variant name ->
     compression method; key: what the stored rates are kept under (model, backend, device, host).
-    Calls (the runner's, and the Ray executor's): say(msg) prints a line; finished(kind, n, seconds, failed=...)
-    after each unit (or an instance's eval units together); blocked(n) for eval units that will not run.
+    Calls (the runner's and the executors'): say(msg) prints a line; finished(kind, n, seconds, failed=...,
+    instance=...) after each unit (or an instance's eval units together); blocked(n, instance=...) for eval units
+    that will not run. instance: the model whose units these are; without it, the first n queued (units finishing
+    in plan order, as in the in-process runner). parallel: units running side by side (the worker pool); the
+    measured rates are those of one unit among them, so the time left is divided by it.
     """
 
     def __init__(self, total: int, done: int, todo: Sequence[Mapping[str, Any]] = (),
                  work: Mapping[str, float] | None = None, methods: Mapping[str, str] | None = None,
-                 key: str | None = None, stream: TextIO | None = None):
+                 key: str | None = None, stream: TextIO | None = None, parallel: int = 1):
         self.total, self.done, self.failed, self.t0 = total, done, 0, time.time()
+        self.parallel = max(1, parallel)
         self.stream = stream
         self.work = dict(work or {})
         self.methods = dict(methods or {})
@@ -426,7 +430,7 @@ class StudyProgress:
             left += s
             hows.add(h)
         sure = "rough" if "rough" in hows else "prior" if hows - {"measured"} else "measured"
-        return left, sure
+        return left / self.parallel, sure
 
     def _eta(self) -> str:
         left, sure = self.estimate()
@@ -441,13 +445,21 @@ class StudyProgress:
              + (f"; {self._eta()}" if todo else ""))
 
     # -- events ----------------------------------------------------------------------------------------------------
-    def blocked(self, n: int) -> None:
+    def _take(self, kind: str, n: int, instance: str | None) -> list[Mapping[str, Any]]:
+        """Out of the queue: the first n units of `kind` (of `instance`, where given)."""
+        queue = self.queue.setdefault(kind, [])
+        mine = [i for i, r in enumerate(queue) if instance is None or r.get("instance") == instance][:n]
+        taken = [queue[i] for i in mine]
+        self.queue[kind] = [r for i, r in enumerate(queue) if i not in set(mine)]
+        return taken
+
+    def blocked(self, n: int, instance: str | None = None) -> None:
         """n eval units that will not run (their compression failed): out of the estimate, counted as failed."""
-        del self.queue["eval"][:n]
+        self._take("eval", n, instance)
         self.failed += n
 
-    def finished(self, kind: str, n: int, seconds: float, failed: bool = False) -> None:
-        units, self.queue[kind] = self.queue.get(kind, [])[:n], self.queue.get(kind, [])[n:]
+    def finished(self, kind: str, n: int, seconds: float, failed: bool = False, instance: str | None = None) -> None:
+        units = self._take(kind, n, instance)
         if failed:
             self.failed += n
         else:

@@ -117,8 +117,8 @@ def test_ray_executor_matches_local_and_retries_a_killed_worker(finished, tmp_pa
     lines = []
     for line in proc.stderr:  # kill the first evaluation worker mid-unit (while it loads or generates)
         lines.append(line)
-        if killed is None and "(_eval_task pid=" in line:
-            killed = int(line.split("(_eval_task pid=")[1].split(")")[0])
+        if killed is None and "(eval_task pid=" in line:
+            killed = int(line.split("(eval_task pid=")[1].split(")")[0])
             os.kill(killed, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     err = "".join(lines)
@@ -126,4 +126,42 @@ def test_ray_executor_matches_local_and_retries_a_killed_worker(finished, tmp_pa
     assert killed is not None, err[-3000:]
     # Ray re-ran the unit: every evaluation is done and the numbers equal the local executor's
     assert "worker failed" not in err
+    assert (tmp_path / "out" / "results.csv").read_text() == (d / "out" / "results.csv").read_text()
+
+
+def test_worker_pool_retries_a_killed_worker_stops_on_ctrl_c_and_resumes(finished, tmp_path):
+    """--workers 2: units in two worker processes. A worker killed mid-evaluation is replaced and its unit rerun;
+    Ctrl-C stops the study and its workers, keeping what was recorded; the resumed study's results equal the
+    in-process executor's (one thread per unit in both: the suite runs with OMP_NUM_THREADS=1)."""
+    d, _, _ = finished
+    (tmp_path / "study.yaml").write_text(STUDY)
+    cmd = [sys.executable, "-m", "comptrust", "study", "study.yaml", "--out", "out", "--no-progress", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    killed, workers, lines = None, set(), []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("[worker "):
+            workers.add(int(line.split()[1].rstrip("]")))
+        if killed is None and line.startswith("[worker ") and " evaluate " in line:
+            killed = int(line.split()[1].rstrip("]"))  # the dense model's evaluation, while it loads or generates
+            os.kill(killed, signal.SIGKILL)
+        if line.startswith("[study] evaluate dense in"):  # dense recorded (after its rerun): interrupt
+            proc.send_signal(signal.SIGINT)
+            break
+    rest_err = proc.communicate(timeout=300)[1]
+    err = "".join(lines) + rest_err
+    assert proc.returncode == 130, err[-3000:]
+    assert killed is not None and "worker died during eval dense; running it again" in err, err[-3000:]
+    assert "rerun the same command to resume" in rest_err
+    time.sleep(1)
+    for pid in workers:  # no worker outlives the study
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is gone already; anything else is still running
+            assert f.read().split(") ")[1].split()[0] == "Z", f"worker {pid} still runs"
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "eval dense" not in p.stderr  # recorded before the interrupt: not run again
     assert (tmp_path / "out" / "results.csv").read_text() == (d / "out" / "results.csv").read_text()

@@ -33,6 +33,7 @@ breakdowns, provenance), results.csv (one row per variant), results.json, models
   comptrust study --init --preset dct-llama2-13b-chat             # print that preset as a study file
   comptrust study study.yaml --out runs/my-study
   comptrust study --status runs/my-study           # done / pending / failed units
+  comptrust study study.yaml --out runs/s --workers 1    # one unit at a time, in this process
   comptrust study study.yaml --out runs/s --executor ray --workers 2   # units as Ray tasks
   comptrust study study.yaml --out runs/a --adaptive   # add items only where a verdict is undecided
   comptrust report runs/my-study                   # rebuild the report from the store
@@ -51,9 +52,9 @@ def study_command(
     preset: Optional[str] = typer.Option(None, "--preset", help="Start from a preset: dct-llama2-13b-chat, dct-llama2-13b or dct-vicuna-13b (Decoding Compressed Trust's grid for that model: GPTQ/AWQ 8/4/3-bit, magnitude/SparseGPT/Wanda 2:4, 4:8, 1:2, full DecodingTrust data). A STUDY.yaml given too overrides its keys."),
     status: Optional[Path] = typer.Option(None, "--status", help="Print the units of the study in this directory (done / pending / failed) and exit."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars (default: when stderr is a terminal)."),
-    executor: str = typer.Option("local", "--executor", help="local: units one after another in this process; ray: units as Ray tasks over a cluster (this process alone writes the store)."),
+    executor: str = typer.Option("local", "--executor", help="local: units on this machine, in --workers processes side by side (1: one after another in this process); ray: units as Ray tasks over a cluster (this process alone writes the store)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (e.g. auto, or 10.0.0.1:6379); default: start a local one."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Size of the local Ray cluster in CPUs (one unit per CPU; default: all cores). GPUs are used one per unit when present."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="local: worker processes, each running one unit at cores/N threads (default on a CPU: one per core where the memory holds them, e.g. 2 on 2 cores, a compression beside an evaluation; 1 on a GPU). ray: size of the local Ray cluster in CPUs (one unit per CPU; default: all cores); GPUs are used one per unit when present."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Where compressed checkpoints go (default DIR/models); with Ray on several nodes, a path every node can read."),
     mlflow: bool = typer.Option(False, "--mlflow", help="Log the study (its keys, every variant's scores, deltas, CIs, refusal rates; results.json, results.csv, report.html) to MLflow (MLFLOW_TRACKING_URI; default ./mlruns, a local file store). Needs mlflow-skinny."),
     wandb: bool = typer.Option(False, "--wandb", help="The same to Weights & Biases (WANDB_PROJECT; WANDB_MODE=offline). Needs wandb."),
@@ -87,8 +88,8 @@ def study_command(
         raise UsageError(f"--executor {executor!r}: choose local or ray")
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: must be at least 1")
-    if executor == "local" and (ray_address or workers):
-        raise UsageError("--ray-address and --workers need --executor ray")
+    if executor == "local" and ray_address:
+        raise UsageError("--ray-address needs --executor ray")
     from comptrust import tracking
 
     tracking.check(mlflow=mlflow, wandb=wandb)
@@ -99,8 +100,9 @@ def study_command(
     needed = ["report"] + (["compress"] if any(not (v.is_dense or v.is_gguf) for v in spec.variants) else [])
     require("this study", *needed)
     if adaptive or spec.adaptive is not None:
-        if executor != "local" or models_dir:
-            raise UsageError("--adaptive runs with the local executor and DIR/models (no --executor ray, --models-dir)")
+        if executor != "local" or models_dir or workers:
+            raise UsageError("--adaptive runs in this process with DIR/models (no --executor ray, --workers, "
+                             "--models-dir)")
         from comptrust.study.adaptive import Settings, run_adaptive
 
         doc = run_adaptive(spec, out, Settings.of(spec.adaptive or True), progress=progress)

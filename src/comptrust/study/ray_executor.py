@@ -18,24 +18,19 @@ Why this shape:
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from comptrust.errors import ComptrustError, UsageError
+from comptrust.errors import UsageError
 from comptrust.store import Store
-from comptrust.study.plan import Plan, eval_options, instance_key
-from comptrust.study.spec import DENSE, StudySpec, parse_spec
+from comptrust.study.plan import Plan, instance_key
+from comptrust.study.spec import DENSE, StudySpec
 from comptrust.study.units import (
     _one_line,
     backend_for,
     checkpoint_dir,
-    compress_checkpoint,
-    eval_outcome,
-    evaluate_model,
+    compress_task,
+    eval_task,
     model_in,
     pending_work,
     record_compress,
@@ -44,49 +39,6 @@ from comptrust.study.units import (
 )
 
 MAX_RETRIES = 2  # re-runs of a unit whose worker died
-
-
-def _threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, n))
-
-
-def _compress_task(spec_dict: dict[str, Any], variant: str, seed: int, ckpt: str, cpus: int) -> dict[str, Any]:
-    _threads(cpus)
-    print(f"[worker] compress {variant} seed {seed} into {ckpt}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    spec = parse_spec(spec_dict)
-    try:
-        record = compress_checkpoint(spec, spec.variant(variant), seed, Path(ckpt))
-        return {"status": "done", "record": record, "seconds": time.time() - t0, "pid": os.getpid()}
-    except Exception as e:
-        if not isinstance(e, ComptrustError):
-            traceback.print_exc(file=sys.stderr)
-        return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0, "pid": os.getpid()}
-
-
-def _eval_task(spec_dict: dict[str, Any], model_ref: str | None, pending: list[str], device: str, cpus: int,
-               compressed: dict[str, Any] | None, backend: str | None = None) -> dict[str, Any]:
-    """compressed: the compression task's result (Ray passes the value once that task has finished)."""
-    if compressed is not None and compressed["status"] != "done":
-        return {"status": "blocked", "seconds": 0.0}
-    _threads(cpus)
-    print(f"[worker] evaluate {model_ref or 'the embedded model'} on {', '.join(pending)}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    spec = parse_spec(spec_dict)
-    opts = eval_options(spec)
-    with tempfile.TemporaryDirectory(prefix="comptrust-worker-") as tmp, Store(Path(tmp) / "worker.sqlite") as st:
-        try:
-            result = evaluate_model(spec, model_ref, pending, opts, Path(tmp), st, progress=False, device=device,
-                                    backend=backend)
-        except Exception as e:
-            if not isinstance(e, ComptrustError):
-                traceback.print_exc(file=sys.stderr)
-            return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0}
-        rows = st.generation_rows()
-    return {"status": "done", "outcome": eval_outcome(result), "generations": rows, "seconds": time.time() - t0,
-            "pid": os.getpid()}
 
 
 def _init_ray(address: str | None, workers: int | None) -> Any:
@@ -133,8 +85,8 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
         device = "cuda" if gpus else "cpu"
         say(f"Ray cluster: {cpus:g} CPUs, {gpus:g} GPUs; one unit per "
             f"{f'GPU with {cpus_per_unit} CPUs' if gpus else f'{cpus_per_unit} CPU'}")
-        compress_remote = ray.remote(max_retries=MAX_RETRIES)(_compress_task).options(**res)
-        eval_remote = ray.remote(max_retries=MAX_RETRIES)(_eval_task).options(**res)
+        compress_remote = ray.remote(max_retries=MAX_RETRIES)(compress_task).options(**res)
+        eval_remote = ray.remote(max_retries=MAX_RETRIES)(eval_task).options(**res)
         spec_dict = {k: v for k, v in spec.to_dict().items() if k != "source"}
         stored = store.units()
         refs: dict[Any, tuple[str, Any, int | None, Any]] = {}
@@ -177,16 +129,16 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
                     record_compress(store, v, seed or 0, secs, out.get("record"), out.get("error"), extra)
                     say(f"{'FAILED ' if out['status'] != 'done' else ''}compress {inst}"
                         + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
-                    say.finished("compress", 1, secs, failed=out["status"] != "done")
+                    say.finished("compress", 1, secs, failed=out["status"] != "done", instance=inst)
                 elif out["status"] == "blocked":  # like the local executor: no rows, shown as blocked
-                    say.blocked(len(extra))
+                    say.blocked(len(extra), instance=inst)
                 else:
                     if out["status"] == "done":
                         store.put_generation_rows(out["generations"])
                     record_eval(store, spec, v, seed, extra, secs, out.get("outcome"), out.get("error"))
                     say(f"{'FAILED ' if out['status'] != 'done' else ''}evaluate {inst}"
                         + (f": {out['error']}" if out["status"] != "done" else f" in {secs:.0f} s"))
-                    say.finished("eval", len(extra), secs, failed=out["status"] != "done")
+                    say.finished("eval", len(extra), secs, failed=out["status"] != "done", instance=inst)
     finally:
         ray.shutdown()
 

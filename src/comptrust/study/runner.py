@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from comptrust.cpu import cpu_threads
 from comptrust.errors import ComptrustError, UsageError, check_interrupted
 from comptrust.evaluate import check_out_dir, load_perspectives
 from comptrust.perspectives.base import EvalOptions
@@ -65,8 +66,10 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
               models_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the study into out_dir, then write the report. Returns the analysis.
 
-    executor "local" runs the units one after another in this process; "ray" runs them as Ray tasks
-    (comptrust.study.ray_executor) while this process alone writes the store.
+    executor "local" runs the units on this machine: one after another in this process (workers 1), or in
+    `workers` processes side by side (comptrust.study.pool_executor; workers None: pool_executor.auto_workers
+    decides); "ray" runs them as Ray tasks (comptrust.study.ray_executor) while this process alone writes the
+    unit rows, `workers` being the size of the local Ray cluster in CPUs.
     """
     if executor not in ("local", "ray"):
         raise UsageError(f"--executor {executor!r}: choose local or ray")
@@ -80,18 +83,41 @@ def run_study(spec: StudySpec, out_dir: Path, progress: bool | None = None,
     with Store(out_dir / STORE_NAME) as store:
         rows = plan.status(store.units())
         todo = [r for r in rows if r["status"] != "done"]
+        n = _local_workers(spec, workers, len({r["instance"] for r in todo})) if executor == "local" else 1
+        # rates are kept per setting: a unit among n side by side runs at another pace than one alone
         say = StudyProgress(len(rows), len(rows) - len(todo), todo, work=_plan_work(spec, opts, todo),
-                            methods={v.name: v.method for v in spec.variants},
-                            key=f"{spec.model}|{spec.backend}|{spec.device}|{platform.node()}")
+                            methods={v.name: v.method for v in spec.variants}, parallel=n,
+                            key=f"{spec.model}|{spec.backend}|{spec.device}|{platform.node()}"
+                            + (f"|{n} workers" if n > 1 else ""))
         say.announce(out_dir)  # with the estimate: the plan's work at a stored (or rough) rate
         if executor == "ray":
             from comptrust.study.ray_executor import run_on_ray
 
             run_on_ray(spec, out_dir, plan, store, say, address=ray_address, workers=workers, models_dir=models_dir)
+        elif n > 1:
+            from comptrust.logs import current_log
+            from comptrust.study.pool_executor import run_in_pool
+
+            run_in_pool(spec, out_dir, plan, store, say, n, cpu_threads(), log_path=current_log(),
+                        models_dir=models_dir)
         else:
             for v, seed in plan.instances():
                 _run_instance(spec, v, seed, plan, store, opts, out_dir, say, progress, on_unit)
     return write_report(out_dir)
+
+
+def _local_workers(spec: StudySpec, workers: int | None, models: int) -> int:
+    """Worker processes for the local executor: --workers (at most one per model with work left), else
+    pool_executor.auto_workers (said on stderr). models: the models with units still to run."""
+    if models <= 1:
+        return 1
+    if workers is not None:
+        return min(workers, models)
+    from comptrust.study.pool_executor import auto_workers
+
+    n, why = auto_workers(spec, cpu_threads(), models=models)
+    print(f"[study] {n} worker{'s' if n > 1 else ''} ({why}; --workers N sets it)", file=sys.stderr, flush=True)
+    return n
 
 
 def load_result(out_dir: Path) -> StudyReport:

@@ -1,22 +1,36 @@
-"""The unit helpers both executors run (the local runner and the Ray executor): make a checkpoint, evaluate a
-model, record either outcome in the store, and work out what a model of the study still needs.
+"""The unit helpers every executor runs (the in-process runner, the local worker pool, the Ray executor): make a
+checkpoint, evaluate a model, record either outcome in the store, and work out what a model of the study still
+needs; and the two tasks (compress_task, eval_task) that the pool and Ray run in worker processes.
 
-They live here, below runner.py and ray_executor.py, so that the runner can dispatch to the Ray executor without
-the executor importing the runner back.
+They live here, below runner.py and the executors, so that the runner can dispatch to an executor without the
+executor importing the runner back.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from comptrust.errors import ComptrustError, UsageError
 from comptrust.perspectives.base import EvalOptions
 from comptrust.store import Store
-from comptrust.study.plan import Plan, compress_unit, eval_config, eval_fingerprint, eval_unit, instance_key
-from comptrust.study.spec import StudySpec, Variant
+from comptrust.study.plan import (
+    Plan,
+    compress_unit,
+    eval_config,
+    eval_fingerprint,
+    eval_options,
+    eval_unit,
+    instance_key,
+)
+from comptrust.study.spec import StudySpec, Variant, parse_spec
 from comptrust.types import Record
 
 
@@ -156,3 +170,71 @@ def evaluate_model(spec: StudySpec, model_ref: str | None, names: list[str], opt
     # what an earlier study generated with the same model (fingerprint), prompt and decoding is not generated again
     with open_engine(model_ref, **kw) as (engine, info), reuse.generations_through_cache(store) as st:
         return evaluate(engine, info, names, opts, out_dir, progress=progress, write_files=False, store=st)
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def _third_party_log(stack: ExitStack, log_path: str | None) -> None:
+    """In a worker process: the libraries' chatter into the study's comptrust.log, as in the driver."""
+    if log_path:
+        from comptrust.logs import third_party_to_log
+
+        stack.enter_context(third_party_to_log(Path(log_path)))
+
+
+def compress_task(spec_dict: dict[str, Any], variant: str, seed: int, ckpt: str, cpus: int,
+                  log_path: str | None = None) -> dict[str, Any]:
+    """A compression unit in a worker process: {status: done, record} or {status: failed, error}, with seconds."""
+    _threads(cpus)
+    print(f"[worker {os.getpid()}] compress {variant} seed {seed} into {ckpt}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    spec = parse_spec(spec_dict)
+    with ExitStack() as stack:
+        _third_party_log(stack, log_path)
+        try:
+            record = compress_checkpoint(spec, spec.variant(variant), seed, Path(ckpt))
+            return {"status": "done", "record": record, "seconds": time.time() - t0, "pid": os.getpid()}
+        except Exception as e:
+            if not isinstance(e, ComptrustError):
+                traceback.print_exc(file=sys.stderr)
+            return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0, "pid": os.getpid()}
+
+
+def eval_task(spec_dict: dict[str, Any], model_ref: str | None, pending: list[str], device: str, cpus: int,
+              compressed: dict[str, Any] | None, backend: str | None = None, store_path: str | None = None,
+              log_path: str | None = None) -> dict[str, Any]:
+    """An evaluation unit in a worker process.
+
+    compressed: the compression task's result where the executor passes it (Ray, once that task has finished);
+    a failed one blocks the evaluation. store_path: the study's store, which the worker then writes its
+    generations to chunk by chunk (the local pool: one machine, SQLite in WAL mode); without it (Ray: workers
+    may be on other machines) the worker generates into a private temporary store and returns the rows for the
+    driver to commit.
+    """
+    if compressed is not None and compressed["status"] != "done":
+        return {"status": "blocked", "seconds": 0.0}
+    _threads(cpus)
+    print(f"[worker {os.getpid()}] evaluate {model_ref or 'the embedded model'} on {', '.join(pending)}",
+          file=sys.stderr, flush=True)
+    t0 = time.time()
+    spec = parse_spec(spec_dict)
+    opts = eval_options(spec)
+    with ExitStack() as stack:
+        _third_party_log(stack, log_path)
+        # evaluate's own folder (its lock, nothing else with write_files off): private, the driver holds --out's
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="comptrust-worker-")))
+        st = stack.enter_context(Store(Path(store_path) if store_path else where / "worker.sqlite"))
+        try:
+            result = evaluate_model(spec, model_ref, pending, opts, where, st, progress=False, device=device,
+                                    backend=backend)
+        except Exception as e:
+            if not isinstance(e, ComptrustError):
+                traceback.print_exc(file=sys.stderr)
+            return {"status": "failed", "error": _one_line(e), "seconds": time.time() - t0}
+        rows = [] if store_path else st.generation_rows()
+    return {"status": "done", "outcome": eval_outcome(result), "generations": rows, "seconds": time.time() - t0,
+            "pid": os.getpid()}
