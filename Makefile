@@ -4,7 +4,7 @@
 OUT ?= runs/demo
 # The suite's settings (pyproject.toml [tool.pytest.ini_options] holds the rest). Two pytest-xdist workers, one
 # test module per worker (loadscope keeps a module's shared fixtures, e.g. a study built once, on one worker;
-# loadgroup does not group under pytest 9.2 + xdist 3.8). From nothing on 2 cores: suite 543-828 s, 709-1,013 s with
+# loadgroup does not group under pytest 9.2 + xdist 3.8). From nothing on 2 cores: suite 543-828 s, 709-1,035 s with
 # set-up (bench/results/test_timing.md). PYTEST_ARGS=-q runs one process; --durations shows where the time went.
 PYTEST_ARGS ?= -q -n 2 --dist loadscope --durations=25
 
