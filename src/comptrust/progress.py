@@ -448,10 +448,10 @@ class StudyProgress:
     def _take(self, kind: str, n: int, instance: str | None) -> list[Mapping[str, Any]]:
         """Out of the queue: the first n units of `kind` (of `instance`, where given)."""
         queue = self.queue.setdefault(kind, [])
-        mine = {i for i, r in enumerate(queue) if instance is None or r.get("instance") == instance}
-        mine = set(sorted(mine)[:n])
-        self.queue[kind] = [r for i, r in enumerate(queue) if i not in mine]
-        return [queue[i] for i in sorted(mine)]
+        picked = [i for i, r in enumerate(queue) if instance is None or r.get("instance") == instance][:n]
+        skip = set(picked)
+        self.queue[kind] = [r for i, r in enumerate(queue) if i not in skip]
+        return [queue[i] for i in picked]
 
     def blocked(self, n: int, instance: str | None = None) -> None:
         """n eval units that will not run (their compression failed): out of the estimate, counted as failed."""

@@ -36,17 +36,7 @@ from typing import Any
 from comptrust.store import STORE_NAME, Store
 from comptrust.study.plan import Plan, instance_key
 from comptrust.study.spec import StudySpec, Variant
-from comptrust.study.units import (
-    backend_for,
-    checkpoint_dir,
-    compress_task,
-    eval_task,
-    model_in,
-    pending_work,
-    record_compress,
-    record_eval,
-    stored_checkpoint,
-)
+from comptrust.study.units import backend_for, compress_task, eval_task, model_work, record_compress, record_eval
 
 MAX_RETRIES = 2  # re-runs of a unit whose worker died
 PER_WORKER_BASE = 1.5 * 2**30  # a worker's memory beyond the model: torch, transformers, llm-compressor
@@ -169,19 +159,13 @@ def run_in_pool(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: A
     ready: deque[_Job] = deque()
     waiting: dict[str, _Job] = {}  # evaluations whose compression is still to be made
     for v, seed in plan.instances():
-        inst = instance_key(v, seed)
-        need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
-        model_ref = spec.model
-        ckpt = None
-        if not v.is_dense:
-            ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
-            model_ref = model_in(v, ckpt)
-            if need_compress:
-                ready.append(_Job("compress", v, seed, ckpt=ckpt))
-        if pending:
-            job = _Job("eval", v, seed, ckpt=ckpt, model_ref=model_ref, pending=pending)
-            if need_compress:
-                waiting[inst] = job
+        w = model_work(spec, plan, stored, v, seed, out_dir, models_dir)
+        if w.need_compress:
+            ready.append(_Job("compress", v, seed, ckpt=w.ckpt))
+        if w.pending:
+            job = _Job("eval", v, seed, ckpt=w.ckpt, model_ref=w.model_ref, pending=w.pending)
+            if w.need_compress:
+                waiting[instance_key(v, seed)] = job
             else:
                 ready.append(job)
     ready = deque(sorted(ready, key=lambda j: j.kind != "compress"))  # stable: the plan's order within a kind
@@ -196,7 +180,8 @@ def run_in_pool(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: A
     running: dict[Future, tuple[int, _Job]] = {}
     try:
         while ready or running:
-            free = [i for i in range(workers) if i not in {slot for slot, _ in running.values()}]
+            busy = {slot for slot, _ in running.values()}
+            free = [i for i in range(workers) if i not in busy]
             while ready and free:
                 job, i = ready.popleft(), free.pop(0)
                 say(f"{job.kind} {job.inst}" + (f" on {', '.join(job.pending)}" if job.kind == "eval" else ""))

@@ -28,14 +28,11 @@ from comptrust.study.spec import DENSE, StudySpec
 from comptrust.study.units import (
     _one_line,
     backend_for,
-    checkpoint_dir,
     compress_task,
     eval_task,
-    model_in,
-    pending_work,
+    model_work,
     record_compress,
     record_eval,
-    stored_checkpoint,
 )
 
 MAX_RETRIES = 2  # re-runs of a unit whose worker died
@@ -96,18 +93,14 @@ def run_on_ray(spec: StudySpec, out_dir: Path, plan: Plan, store: Store, say: An
         evals: list[tuple[Any, int | None, str, Any, list[str], Any]] = []
         for v, seed in plan.instances():
             inst = instance_key(v, seed)
-            need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
+            w = model_work(spec, plan, stored, v, seed, out_dir, models_dir)
             cref = None
-            model_ref = spec.model
-            if not v.is_dense:
-                ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
-                model_ref = model_in(v, ckpt)
-                if need_compress:
-                    say(f"submit compress {inst}")
-                    cref = compress_remote.remote(spec_dict, v.name, seed, str(ckpt), cpus_per_unit)
-                    refs[cref] = ("compress", v, seed, ckpt)
-            if pending:
-                evals.append((v, seed, inst, model_ref, pending, cref))
+            if w.need_compress:
+                say(f"submit compress {inst}")
+                cref = compress_remote.remote(spec_dict, v.name, seed, str(w.ckpt), cpus_per_unit)
+                refs[cref] = ("compress", v, seed, w.ckpt)
+            if w.pending:
+                evals.append((v, seed, inst, w.model_ref, w.pending, cref))
         for v, seed, inst, model_ref, pending, cref in sorted(evals, key=lambda e: e[0].is_dense):
             say(f"submit evaluate {inst} on {', '.join(pending)}")
             eref = eval_remote.remote(spec_dict, model_ref, pending, device, cpus_per_unit, cref, backend_for(spec, v))

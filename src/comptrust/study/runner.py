@@ -48,15 +48,12 @@ from comptrust.study.spec import StudySpec, Variant
 from comptrust.study.units import (
     _one_line,
     backend_for,
-    checkpoint_dir,
     compress_checkpoint,
     eval_outcome,
     evaluate_model,
-    model_in,
-    pending_work,
+    model_work,
     record_compress,
     record_eval,
-    stored_checkpoint,
 )
 
 
@@ -178,11 +175,11 @@ def _check_same_study(spec: StudySpec, out_dir: Path) -> None:
 def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, store: Store, opts: EvalOptions,
                   out_dir: Path, say: StudyProgress, progress: bool | None, on_unit: Callable[[str], None] | None) -> None:
     inst = instance_key(v, seed)
-    need_compress, pending = pending_work(spec, plan, store.units(), v, seed, out_dir)
-    model_ref: str | None = spec.model
-    if not v.is_dense:
-        ckpt = stored_checkpoint(store.units(), inst, checkpoint_dir(out_dir, inst))
-        if need_compress:
+    w = model_work(spec, plan, store.units(), v, seed, out_dir)
+    pending = w.pending
+    if w.ckpt is not None:
+        ckpt = w.ckpt
+        if w.need_compress:
             if on_unit:
                 on_unit(compress_unit(inst))
             say(f"compress {inst} ({v.label(seed or 0)}" + ("" if v.is_gguf else f", seed {seed}") + ")")
@@ -200,7 +197,6 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
                 return
             record_compress(store, v, seed or 0, time.time() - t0, record, None, ckpt)
             say.finished("compress", 1, time.time() - t0)
-        model_ref = model_in(v, ckpt)
     if not pending:
         return
     for p in pending:
@@ -209,7 +205,7 @@ def _run_instance(spec: StudySpec, v: Variant, seed: int | None, plan: Plan, sto
     say(f"evaluate {inst} on {', '.join(pending)}")
     t0 = time.time()
     try:
-        result = evaluate_model(spec, model_ref, pending, opts, out_dir, store, progress, backend=backend_for(spec, v))
+        result = evaluate_model(spec, w.model_ref, pending, opts, out_dir, store, progress, backend=backend_for(spec, v))
         check_interrupted()
     except KeyboardInterrupt:
         raise

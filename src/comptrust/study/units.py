@@ -15,6 +15,7 @@ import tempfile
 import time
 import traceback
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,26 @@ def stored_checkpoint(stored: dict[str, dict[str, Any]], inst: str, default: Pat
     u = stored.get(compress_unit(inst))
     path = u["result"].get("path") if u and u["status"] == "done" else None
     return Path(path) if path and Path(path).is_dir() else default
+
+
+@dataclass(frozen=True)
+class ModelWork:
+    """What one model of the study still needs, and where it is: every executor plans from this."""
+
+    need_compress: bool
+    pending: list[str]  # perspectives still to evaluate
+    ckpt: Path | None  # the checkpoint folder (None: the dense model)
+    model_ref: str | None  # what the engine loads: the study's model, or the checkpoint (its GGUF for gguf)
+
+
+def model_work(spec: StudySpec, plan: Plan, stored: dict[str, dict[str, Any]], v: Variant, seed: int | None,
+               out_dir: Path, models_dir: Path | None = None) -> ModelWork:
+    need_compress, pending = pending_work(spec, plan, stored, v, seed, out_dir, models_dir)
+    if v.is_dense:
+        return ModelWork(need_compress, pending, None, spec.model)
+    inst = instance_key(v, seed)
+    ckpt = stored_checkpoint(stored, inst, checkpoint_dir(out_dir, inst, models_dir))
+    return ModelWork(need_compress, pending, ckpt, model_in(v, ckpt))
 
 
 def model_in(v: Variant, ckpt: Path) -> str:
